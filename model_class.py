@@ -1,0 +1,94 @@
+"""Shared trunk and per-task classification heads.
+
+Memory Aware Synapses (Aljundi et al., ECCV 2018) is evaluated in the multi-head
+setting (Sec. 5.1): one network F = head_t o shared is trained per task t, the
+shared trunk carries over from task to task and is what MAS protects, and each
+task keeps its own head. The function whose sensitivity MAS measures (Eq. 4) is
+this composition, F(x) = head_t(shared(x)).
+
+Two trunks:
+- ``alexnet``: torchvision's AlexNet without its last Linear layer, so its output
+  is the 4096-d fc7 activation; the head is ``Linear(4096, n_classes)``.
+- ``mlp``: flatten -> Linear(d, 256) -> ReLU -> Linear(256, 256) -> ReLU, for
+  small grey-scale digits; the head is ``Linear(256, n_classes)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models import alexnet
+
+ARCHS = ("alexnet", "mlp")
+MLP_HIDDEN = 256
+
+
+class AlexNetTrunk(nn.Module):
+    """AlexNet up to fc7 + ReLU; parameter names are torchvision's (``features.0.weight``, ...)."""
+
+    out_features = 4096
+
+    def __init__(self) -> None:
+        super().__init__()
+        full = alexnet(weights=None)
+        self.features = full.features
+        self.avgpool = full.avgpool
+        # Drop the last Linear (classifier.6): it becomes the per-task head.
+        self.classifier = nn.Sequential(*list(full.classifier.children())[:-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+    def freezable_layers(self) -> list[str]:
+        """Names of the convolution layers of ``features``, from the input."""
+        return [f"features.{i}" for i, m in enumerate(self.features) if isinstance(m, nn.Conv2d)]
+
+
+class MlpTrunk(nn.Module):
+    """Two hidden layers of 256 ReLU units over the flattened image."""
+
+    out_features = MLP_HIDDEN
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, MLP_HIDDEN),
+            nn.ReLU(),
+            nn.Linear(MLP_HIDDEN, MLP_HIDDEN),
+            nn.ReLU(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def freezable_layers(self) -> list[str]:
+        """Names of the Linear layers, from the input."""
+        return [f"net.{i}" for i, m in enumerate(self.net) if isinstance(m, nn.Linear)]
+
+
+class TaskModel(nn.Module):
+    """F = head(shared(x)): the network used while training, scoring and testing one task."""
+
+    def __init__(self, shared: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.shared = shared
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.shared(x))
+
+
+def build_trunk(arch: str, channels: int, image_size: int) -> nn.Module:
+    """A freshly initialised trunk; pretrained weights are loaded by ``utils.model_utils``."""
+    if arch == "alexnet":
+        return AlexNetTrunk()
+    if arch == "mlp":
+        return MlpTrunk(channels * image_size * image_size)
+    raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
+
+
+def build_head(trunk: nn.Module, n_classes: int) -> nn.Linear:
+    """A new classification head for a task with ``n_classes`` classes."""
+    return nn.Linear(trunk.out_features, n_classes)

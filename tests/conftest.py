@@ -1,0 +1,123 @@
+"""Shared fixtures: tiny task sequences generated on disk in the layout data_prep.py writes."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def write_dataset(
+    root: Path,
+    num_tasks: int = 2,
+    classes_per_task: int = 2,
+    n_train: int = 6,
+    n_test: int = 4,
+    size: int = 8,
+    channels: int = 1,
+    seed: int = 0,
+    defaults: dict | None = None,
+) -> Path:
+    """Random images whose mean brightness depends on the class, so a model can learn them."""
+    rng = np.random.default_rng(seed)
+    mode = "L" if channels == 1 else "RGB"
+    tasks = []
+    for t in range(1, num_tasks + 1):
+        names = [f"c{t}_{k}" for k in range(classes_per_task)]
+        for split, n in (("train", n_train), ("test", n_test)):
+            for k, name in enumerate(names):
+                folder = root / f"Task_{t}" / split / name
+                folder.mkdir(parents=True)
+                for i in range(n):
+                    base = 40 + 170 * k / max(classes_per_task - 1, 1)
+                    shape = (size, size) if channels == 1 else (size, size, 3)
+                    pixels = np.clip(rng.normal(base, 30, shape), 0, 255).astype(np.uint8)
+                    Image.fromarray(pixels, mode=mode).save(folder / f"{i}.png")
+        tasks.append(
+            {
+                "name": f"Task_{t}",
+                "classes": names,
+                "num_train": n_train * classes_per_task,
+                "num_test": n_test * classes_per_task,
+            }
+        )
+    manifest = {
+        "dataset": "synthetic",
+        "tasks": tasks,
+        "num_tasks": num_tasks,
+        "image_size": size,
+        "channels": channels,
+        "mean": [0.5] * channels,
+        "std": [0.25] * channels,
+        "augment": False,
+        "default_arch": "mlp",
+        "defaults": defaults
+        if defaults is not None
+        else {"pretrained": False, "num_freeze_layers": 0, "num_workers": 0},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    return write_dataset(tmp_path / "Data")
+
+
+class RangeRequestHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with support for ``Range: bytes=N-`` (resumed downloads)."""
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    def send_head(self):
+        range_header = self.headers.get("Range")
+        path = Path(self.translate_path(self.path))
+        if not range_header or not path.is_file():
+            return super().send_head()
+        start = int(range_header.removeprefix("bytes=").split("-")[0])
+        size = path.stat().st_size
+        handle = open(path, "rb")  # noqa: SIM115 (closed by the base class after copying)
+        handle.seek(start)
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+        self.send_header("Content-Length", str(size - start))
+        self.end_headers()
+        return handle
+
+
+@pytest.fixture
+def http_server(tmp_path: Path):
+    """Serve ``<tmp_path>/www`` on 127.0.0.1; yields (folder, base_url)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(RangeRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def closed_port_url() -> str:
+    """An address on 127.0.0.1 where nothing listens (an offline server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"

@@ -1,0 +1,152 @@
+"""reg_params life cycle, freezing, and the penalty after a save/load round trip."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+
+import pytest
+import torch
+
+from mas import mas_train, task_seed
+from model_class import AlexNetTrunk, MlpTrunk, TaskModel
+from model_train import seed_everything
+from utils import UserError
+from utils.data_utils import make_task_data, read_manifest, task_dirs
+from utils.importance import mas_batch_importance
+from utils.io_utils import load_tensor_pickle, save_pickle
+from utils.mas_utils import (
+    check_reg_params,
+    consolidate_reg_params,
+    create_freeze_layers,
+    init_reg_params,
+    init_reg_params_across_tasks,
+)
+from utils.model_utils import build_shared_model, load_head, load_shared_model
+
+
+def _args(data, models, **overrides) -> argparse.Namespace:
+    args = dict(
+        data_dir=str(data),
+        models_dir=str(models),
+        arch="mlp",
+        channels=1,
+        image_size=8,
+        pretrained=False,
+        num_freeze_layers=0,
+        batch_size=4,
+        num_workers=0,
+        num_epochs=3,
+        init_lr=0.05,
+        reg_lambda=1.0,
+        momentum=0.0,
+        weight_decay=0.0,
+        seed=0,
+    )
+    args.update(overrides)
+    return argparse.Namespace(**args)
+
+
+def _tasks(data, args):
+    manifest = read_manifest(data)
+    return [make_task_data(f, manifest, 1, 8, args.batch_size, 0) for f in task_dirs(data, manifest)]
+
+
+def test_freeze_layers_alexnet_convolutions_from_the_input():
+    trunk = AlexNetTrunk()
+    frozen = create_freeze_layers(trunk, 2)
+    assert frozen == ["features.0.weight", "features.0.bias", "features.3.weight", "features.3.bias"]
+    assert not trunk.features[3].weight.requires_grad and trunk.features[6].weight.requires_grad
+    assert all(p.requires_grad for p in trunk.classifier.parameters())
+
+
+def test_freeze_layers_mlp_and_bounds():
+    trunk = MlpTrunk(64)
+    assert create_freeze_layers(trunk, 1) == ["net.1.weight", "net.1.bias"]
+    assert sorted(init_reg_params(trunk)) == ["net.3.bias", "net.3.weight"]  # frozen: no importance
+    with pytest.raises(UserError, match="between 0 and 2"):
+        create_freeze_layers(MlpTrunk(64), 3)
+
+
+def test_life_cycle_prev_omega_and_consolidation():
+    trunk = MlpTrunk(4)
+    reg = init_reg_params(trunk)
+    assert all(torch.equal(e["omega"], torch.zeros_like(e["omega"])) for e in reg.values())
+    omega1 = {n: torch.rand_like(p) for n, p in trunk.named_parameters()}
+    reg = consolidate_reg_params(reg, omega1, trunk)
+    for name, p in trunk.named_parameters():
+        assert torch.equal(reg[name]["omega"], omega1[name]) and torch.equal(reg[name]["init_val"], p.detach())
+    with torch.no_grad():
+        for p in trunk.parameters():
+            p.add_(1.0)  # "training" of task 2
+    reg = init_reg_params_across_tasks(reg, trunk)
+    omega2 = {n: torch.rand_like(p) for n, p in trunk.named_parameters()}
+    reg = consolidate_reg_params(reg, omega2, trunk)
+    for name, p in trunk.named_parameters():
+        assert torch.equal(reg[name]["prev_omega"], omega1[name])
+        torch.testing.assert_close(reg[name]["omega"], omega1[name] + omega2[name])
+        assert torch.equal(reg[name]["init_val"], p.detach())
+
+
+def test_check_reg_params_names_the_offending_parameter():
+    trunk = MlpTrunk(4)
+    reg = init_reg_params(trunk)
+    reg["net.3.weight"]["omega"] = torch.zeros(2, 2)
+    with pytest.raises(UserError, match=r"parameter 'net.3.weight' has shape \(2, 2\)"):
+        check_reg_params(reg, trunk, "reg_params")
+    del reg["net.3.weight"]
+    with pytest.raises(UserError, match="no entry for parameter 'net.3.weight'"):
+        check_reg_params(reg, trunk, "reg_params")
+
+
+def test_saved_reg_params_hold_the_consolidated_importance(tiny_data, tmp_path):
+    args = _args(tiny_data, tmp_path / "m")
+    tasks = _tasks(tiny_data, args)
+    mas_train(1, tasks[0], args, torch.device("cpu"))
+    after_1 = load_tensor_pickle(tmp_path / "m" / "reg_params.pickle")
+    mas_train(2, tasks[1], args, torch.device("cpu"))
+    after_2 = load_tensor_pickle(tmp_path / "m" / "reg_params.pickle")
+    # Omega of task 2 measured independently with the stored model and head.
+    shared = load_shared_model(tmp_path / "m", "mlp", 1, 8)
+    model = TaskModel(shared, load_head(tmp_path / "m", 2, shared.out_features))
+    omega_2 = mas_batch_importance(model, tasks[1].importance, torch.device("cpu"))
+    for name, entry in after_2.items():
+        assert torch.equal(entry["prev_omega"], after_1[name]["omega"])
+        torch.testing.assert_close(entry["omega"], after_1[name]["omega"] + omega_2[name])
+        assert torch.equal(entry["init_val"], shared.state_dict()[name])
+
+
+def _task2_drift(data, models, reg_lambda: float, seed_models) -> float:
+    """Distance that net.3.weight moves from theta* during task 2, after a reload from disk."""
+    shutil.copytree(seed_models, models)
+    args = _args(data, models, reg_lambda=reg_lambda, num_epochs=5, init_lr=0.1)
+    reg = load_tensor_pickle(models / "reg_params.pickle")
+    reg["net.3.weight"]["omega"] = torch.full_like(reg["net.3.weight"]["omega"], 4.0)
+    save_pickle(reg, models / "reg_params.pickle")
+    theta_star = load_shared_model(models, "mlp", 1, 8).state_dict()["net.3.weight"]
+    mas_train(2, _tasks(data, args)[1], args, torch.device("cpu"))
+    after = load_shared_model(models, "mlp", 1, 8).state_dict()["net.3.weight"]
+    return (after - theta_star).norm().item()
+
+
+def test_penalty_is_active_in_task_2_after_a_save_load_round_trip(tiny_data, tmp_path):
+    args = _args(tiny_data, tmp_path / "task1")
+    mas_train(1, _tasks(tiny_data, args)[0], args, torch.device("cpu"))
+    free = _task2_drift(tiny_data, tmp_path / "free", 0.0, tmp_path / "task1")
+    held = _task2_drift(tiny_data, tmp_path / "held", 1.0, tmp_path / "task1")
+    assert free > 0.05
+    assert held < 0.1 * free
+
+
+def test_frozen_layers_do_not_change_across_tasks(tiny_data, tmp_path):
+    args = _args(tiny_data, tmp_path / "m", num_freeze_layers=1)
+    tasks = _tasks(tiny_data, args)
+    seed_everything(task_seed(args.seed, 1))
+    initial = build_shared_model("mlp", 1, 8, pretrained=False).state_dict()
+    for task_no, task in enumerate(tasks, start=1):
+        mas_train(task_no, task, args, torch.device("cpu"))
+    final = load_shared_model(tmp_path / "m", "mlp", 1, 8).state_dict()
+    assert torch.equal(final["net.1.weight"], initial["net.1.weight"])
+    assert torch.equal(final["net.1.bias"], initial["net.1.bias"])
+    assert not torch.equal(final["net.3.weight"], initial["net.3.weight"])
+    assert sorted(load_tensor_pickle(tmp_path / "m" / "reg_params.pickle")) == ["net.3.bias", "net.3.weight"]

@@ -1,0 +1,170 @@
+"""The task data written by ``data_prep.py``: layout, manifest, transforms and loaders.
+
+Layout (torchvision ImageFolder per split)::
+
+    Data/manifest.json
+    Data/Task_1/{train,test}/<class>/<image>
+    ...
+
+Tasks are trained in numeric order (Task_10 after Task_9). A task's train and
+test folders must hold the same classes, since one head is trained on the first
+and scored on the second.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from utils import UserError
+from utils.io_utils import load_json
+
+MANIFEST = "manifest.json"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+_TASK_DIR = re.compile(r"^Task_(\d+)$")
+# The seed resized to 256 and centre-cropped 224 at test time: keep that ratio at any size.
+_RESIZE_RATIO = 256 / 224
+
+
+@dataclass
+class TaskData:
+    """Everything one task needs: its classes and the three loaders."""
+
+    name: str
+    classes: list[str]
+    train: DataLoader  # training transforms, shuffled
+    importance: DataLoader  # training images with test transforms (no augmentation), as the authors
+    test: DataLoader
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"data folder {data_dir} does not exist; run `python3 data_prep.py` first")
+    path = data_dir / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{path} is missing; run `python3 data_prep.py` to (re)build {data_dir}")
+    manifest = load_json(path)
+    for key in ("dataset", "tasks", "image_size", "channels", "mean", "std"):
+        if key not in manifest:
+            raise UserError(f"{path} has no {key!r} entry; rebuild the data with data_prep.py")
+    return manifest
+
+
+def task_dirs(data_dir: str | Path, manifest: dict[str, Any]) -> list[Path]:
+    """Task folders in numeric order; they must be exactly the manifest's tasks."""
+    data_dir = Path(data_dir)
+    found = {int(m.group(1)): p for p in data_dir.iterdir() if (m := _TASK_DIR.match(p.name)) and p.is_dir()}
+    names = [task["name"] for task in manifest["tasks"]]
+    expected = [f"Task_{i}" for i in range(1, len(names) + 1)]
+    if names != expected:
+        raise UserError(f"{data_dir / MANIFEST} lists tasks {names}, expected {expected}")
+    missing = [n for i, n in enumerate(expected, 1) if i not in found]
+    if missing:
+        raise UserError(f"task folder {data_dir / missing[0]} is missing (the manifest lists {len(names)} tasks)")
+    extra = sorted(i for i in found if i > len(names))
+    if extra:
+        raise UserError(f"{data_dir} holds Task_{extra[0]}, which its manifest does not list")
+    return [found[i] for i in range(1, len(names) + 1)]
+
+
+def _class_folders(split_dir: Path, task: str) -> list[str]:
+    if not split_dir.is_dir():
+        raise UserError(f"{task}: folder {split_dir} is missing")
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise UserError(f"{task}: {split_dir} holds no class folders")
+    for name in classes:
+        if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in (split_dir / name).iterdir()):
+            raise UserError(f"{task}: class folder {split_dir / name} holds no images")
+    return classes
+
+
+def check_task(task_dir: Path, manifest_classes: list[str]) -> list[str]:
+    """The task's classes; train, test and manifest must agree on them."""
+    task = task_dir.name
+    train = _class_folders(task_dir / "train", task)
+    test = _class_folders(task_dir / "test", task)
+    if train != test:
+        only_train = sorted(set(train) - set(test))
+        only_test = sorted(set(test) - set(train))
+        raise UserError(
+            f"{task}: train and test hold different classes "
+            f"(only in train: {only_train or 'none'}; only in test: {only_test or 'none'})"
+        )
+    if sorted(manifest_classes) != train:
+        raise UserError(f"{task}: the folders hold classes {train} but the manifest lists {sorted(manifest_classes)}")
+    return train
+
+
+def image_loader(mode: str):
+    """A PIL loader that names the file when an image is corrupt or truncated."""
+
+    def load(path: str) -> Image.Image:
+        try:
+            with Image.open(path) as img:
+                return img.convert(mode)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise UserError(f"corrupt or unreadable image {path}: {err}") from err
+
+    return load
+
+
+def build_transforms(image_size: int, mean: list[float], std: list[float], augment: bool, train: bool):
+    """The seed's ImageNet-style transforms when ``augment`` (RandomResizedCrop + flip for
+    training, resize + centre crop for testing); a plain resize otherwise (digits)."""
+    normalise = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    if augment and train:
+        return transforms.Compose(
+            [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), *normalise]
+        )
+    if augment:
+        resize = round(image_size * _RESIZE_RATIO)
+        return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size), *normalise])
+    return transforms.Compose([transforms.Resize((image_size, image_size)), *normalise])
+
+
+def _loader(folder: Path, transform, mode: str, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
+    dataset = datasets.ImageFolder(str(folder), transform=transform, loader=image_loader(mode))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def make_task_data(
+    task_dir: Path, manifest: dict[str, Any], channels: int, image_size: int, batch_size: int, num_workers: int
+) -> TaskData:
+    """Loaders for one task. ``channels`` is what the model wants (AlexNet: 3)."""
+    entry = next(t for t in manifest["tasks"] if t["name"] == task_dir.name)
+    classes = check_task(task_dir, entry["classes"])
+    mean, std = _stats_for(manifest, channels)
+    augment = bool(manifest.get("augment", False))
+    mode = "RGB" if channels == 3 else "L"
+    train_tf = build_transforms(image_size, mean, std, augment, train=True)
+    test_tf = build_transforms(image_size, mean, std, augment, train=False)
+    return TaskData(
+        name=task_dir.name,
+        classes=classes,
+        train=_loader(task_dir / "train", train_tf, mode, batch_size, True, num_workers),
+        importance=_loader(task_dir / "train", test_tf, mode, batch_size, False, num_workers),
+        test=_loader(task_dir / "test", test_tf, mode, batch_size, False, num_workers),
+    )
+
+
+def _stats_for(manifest: dict[str, Any], channels: int) -> tuple[list[float], list[float]]:
+    mean, std = list(manifest["mean"]), list(manifest["std"])
+    if len(mean) == 1 and channels == 3:  # grey-scale data fed to an RGB model
+        mean, std = mean * 3, std * 3
+    if len(mean) != channels:
+        raise UserError(f"the manifest's mean/std have {len(mean)} channels but the model takes {channels}")
+    return mean, std

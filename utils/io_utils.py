@@ -1,0 +1,140 @@
+"""Atomic writes and safe loading of every artefact of a MAS run.
+
+Writes go to a temporary file in the destination folder, are flushed and
+fsynced, then renamed over the destination, so a crash at any instant leaves
+either the old or the new file. Loading never executes code: ``.pth`` files go
+through ``torch.load(weights_only=True)`` and ``reg_params.pickle`` (kept as a
+pickle for compatibility with the seed implementation) through an unpickler that
+only rebuilds dicts, lists, strings, numbers and tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from utils import UserError
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist a rename: the directory entry itself must reach the disk."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success.
+
+    An OSError (disk full, read-only folder) becomes a UserError that names the
+    file and says the previous version is intact.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise UserError(f"could not write {path}: {reason}; the previous version of the file is intact") from err
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    with atomic_open(path) as handle:
+        torch.save(obj, handle)
+
+
+def save_pickle(obj: Any, path: str | os.PathLike) -> None:
+    with atomic_open(path) as handle:
+        pickle.dump(obj, handle, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def save_text(text: str, path: str | os.PathLike) -> None:
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> None:
+    save_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
+
+
+def load_torch(path: str | os.PathLike) -> Any:
+    """``torch.load`` restricted to tensors and plain containers, onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing file {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"refusing to load {path}: it holds more than tensors ({err})") from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise UserError(f"could not read {path}: it is truncated or not a PyTorch file ({err})") from err
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise UserError(f"missing file {path}") from err
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not read {path}: {err}") from err
+
+
+def _storage_from_bytes(data: bytes) -> Any:
+    # The stock rebuild function calls torch.load(weights_only=False) on these bytes.
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class _TensorOnlyUnpickler(pickle.Unpickler):
+    """Resolves only the globals that plain-pickled tensors need; refuses everything else."""
+
+    allowed = {
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+        ("collections", "OrderedDict"): OrderedDict,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed") from None
+
+
+def load_tensor_pickle(path: str | os.PathLike) -> Any:
+    """Unpickle a file that may hold only dicts, lists, strings, numbers and tensors."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            return _TensorOnlyUnpickler(handle).load()
+    except FileNotFoundError as err:
+        raise UserError(f"missing file {path}") from err
+    except pickle.UnpicklingError as err:
+        raise UserError(f"refusing to load {path}: {err}; it may only hold dicts and tensors") from err
+    except (EOFError, ValueError, RuntimeError, OSError) as err:
+        raise UserError(f"could not read {path}: it is truncated or corrupt ({err})") from err

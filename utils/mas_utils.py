@@ -1,0 +1,143 @@
+"""The MAS regularisation state ``reg_params``, its life cycle across tasks, and layer freezing.
+
+``reg_params`` maps the NAME of every trainable parameter of the shared model
+(``features.3.weight``, ...) to ``{'omega', 'init_val', 'prev_omega'}`` CPU tensors:
+
+- ``omega``: the importance Omega used by the penalty lambda * Omega (theta - theta*)^2 (Eq. 3);
+- ``init_val``: theta*, the weights the penalty pulls towards;
+- ``prev_omega``: Omega accumulated over the tasks before the current one.
+
+It is keyed by name, never by Parameter object: the seed implementation keyed it by
+Parameter objects, which hash by identity, so after pickling and rebuilding the model
+no key matched and the penalty silently never applied.
+
+Life cycle (the authors' code, with the consolidation done before saving):
+
+    task 1:    init_reg_params               omega = prev_omega = 0, init_val = theta
+    task t>1:  init_reg_params_across_tasks  prev_omega <- omega, init_val <- theta (= theta*_{t-1})
+               train with the penalty on omega (= Omega_total of tasks 1..t-1)
+    any task:  consolidate_reg_params        omega <- prev_omega + Omega_t, init_val <- theta*_t
+               save reg_params.pickle (it holds Omega_total of tasks 1..t)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from utils import UserError
+from utils.io_utils import load_tensor_pickle, save_pickle
+from utils.model_utils import check_tensors
+
+REG_PARAMS = "reg_params.pickle"
+REG_KEYS = ("omega", "init_val", "prev_omega")
+RegParams = dict[str, dict[str, torch.Tensor]]
+
+
+def create_freeze_layers(shared: nn.Module, num_freeze_layers: int) -> list[str]:
+    """Freeze the first ``num_freeze_layers`` layers of the trunk (AlexNet: convolutions
+    of ``features``; MLP: Linear layers, from the input). Returns the frozen parameter names.
+    Frozen parameters are not trained, carry no importance and no penalty."""
+    layers = shared.freezable_layers()
+    if not 0 <= num_freeze_layers <= len(layers):
+        raise UserError(
+            f"--num_freeze_layers must be between 0 and {len(layers)} "
+            f"(the trunk has {len(layers)} such layers), got {num_freeze_layers}"
+        )
+    frozen = []
+    for layer in layers[:num_freeze_layers]:
+        for name, param in shared.get_submodule(layer).named_parameters():
+            param.requires_grad_(False)
+            frozen.append(f"{layer}.{name}")
+    return frozen
+
+
+def trainable_parameters(shared: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in shared.named_parameters() if p.requires_grad}
+
+
+def _snapshot(param: torch.Tensor) -> torch.Tensor:
+    return param.detach().to("cpu", copy=True)
+
+
+def init_reg_params(shared: nn.Module) -> RegParams:
+    """Task 1: zero importance, theta* = the current weights."""
+    return {
+        name: {
+            "omega": torch.zeros_like(_snapshot(p)),
+            "init_val": _snapshot(p),
+            "prev_omega": torch.zeros_like(_snapshot(p)),
+        }
+        for name, p in trainable_parameters(shared).items()
+    }
+
+
+def init_reg_params_across_tasks(reg_params: RegParams, shared: nn.Module) -> RegParams:
+    """Task t > 1: remember Omega so far, anchor the penalty at the current weights."""
+    check_reg_params(reg_params, shared, "reg_params")
+    return {
+        name: {
+            "omega": reg_params[name]["omega"].clone(),
+            "init_val": _snapshot(p),
+            "prev_omega": reg_params[name]["omega"].clone(),
+        }
+        for name, p in trainable_parameters(shared).items()
+    }
+
+
+def consolidate_reg_params(reg_params: RegParams, omega_new: dict[str, torch.Tensor], shared: nn.Module) -> RegParams:
+    """Omega_total = Omega_prev + Omega_new (a plain sum, as the authors' code); theta* = current weights."""
+    params = trainable_parameters(shared)
+    check_tensors(omega_new, params, "the importance of this task")
+    return {
+        name: {
+            "omega": reg_params[name]["prev_omega"] + omega_new[name].detach().cpu(),
+            "init_val": _snapshot(p),
+            "prev_omega": reg_params[name]["prev_omega"].clone(),
+        }
+        for name, p in params.items()
+    }
+
+
+def attach_importance(optimizer, shared: nn.Module, reg_params: RegParams) -> int:
+    """Hand omega and theta* (init_val) of every trainable parameter to a ``LocalSgd``.
+    Returns how many parameters are penalised."""
+    for name, param in trainable_parameters(shared).items():
+        optimizer.set_importance(param, reg_params[name]["omega"], reg_params[name]["init_val"])
+    return len(reg_params)
+
+
+def penalty_stiffness(reg_params: RegParams, lr: float, reg_lambda: float) -> float:
+    """lr * 2 * reg_lambda * max(Omega): the largest curvature of the penalty times the step size.
+
+    SGD with momentum m on a quadratic of curvature h is stable only while lr * h < 2 (1 + m);
+    above that the penalty itself makes the weights oscillate and the loss diverge.
+    """
+    largest = max((float(e["omega"].max()) for e in reg_params.values() if e["omega"].numel()), default=0.0)
+    return lr * 2.0 * reg_lambda * largest
+
+
+def check_reg_params(reg_params: object, shared: nn.Module, what: str) -> None:
+    """Names, keys and shapes must match the trainable parameters of ``shared``."""
+    if not isinstance(reg_params, dict) or not all(isinstance(k, str) for k in reg_params):
+        raise UserError(f"{what} is not a dict keyed by parameter name")
+    for key in REG_KEYS:
+        entries = {}
+        for name, entry in reg_params.items():
+            if not isinstance(entry, dict) or key not in entry:
+                raise UserError(f"{what}: parameter {name!r} has no {key!r}")
+            entries[name] = entry[key]
+        check_tensors(entries, trainable_parameters(shared), what)
+
+
+def save_reg_params(reg_params: RegParams, models_dir: str | Path) -> None:
+    save_pickle(reg_params, Path(models_dir) / REG_PARAMS)
+
+
+def load_reg_params(models_dir: str | Path, shared: nn.Module) -> RegParams:
+    path = Path(models_dir) / REG_PARAMS
+    reg_params = load_tensor_pickle(path)
+    check_reg_params(reg_params, shared, str(path))
+    return reg_params

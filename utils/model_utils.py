@@ -1,0 +1,143 @@
+"""Building, saving and loading the shared model and the per-task heads; per-task
+folders and their text files; inference with a given task's head.
+
+Output tree under ``--models_dir`` (as the seed implementation)::
+
+    shared_model.pth        state_dict of the shared trunk after the last finished task
+    reg_params.pickle       MAS state, see utils/mas_utils.py
+    Task_i/head.pth         state_dict of task i's Linear head
+    Task_i/performance.txt  test accuracy (%) right after training task i
+    Task_i/classes.txt      number of classes, then one class name per line
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.error import URLError
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.models import AlexNet_Weights
+from tqdm import tqdm
+
+from model_class import build_trunk
+from utils import UserError
+from utils.io_utils import load_torch, save_text, save_torch
+
+SHARED_MODEL = "shared_model.pth"
+HEAD = "head.pth"
+PERFORMANCE = "performance.txt"
+CLASSES = "classes.txt"
+# Module-level so tests can point it at a server on 127.0.0.1.
+ALEXNET_WEIGHTS_URL = AlexNet_Weights.IMAGENET1K_V1.url
+
+
+def pretrained_alexnet_state() -> dict[str, torch.Tensor]:
+    """ImageNet AlexNet weights through torch.hub's cache (downloaded once, hash-checked)."""
+    url = ALEXNET_WEIGHTS_URL
+    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    try:
+        return torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", progress=True, check_hash=True, weights_only=True
+        )
+    except (URLError, OSError, RuntimeError, EOFError) as err:
+        raise UserError(
+            f"could not get the ImageNet AlexNet weights ({getattr(err, 'reason', err)}): "
+            f"download {url} to {target}, or run with --no-pretrained"
+        ) from err
+
+
+def build_shared_model(arch: str, channels: int, image_size: int, pretrained: bool) -> nn.Module:
+    """The trunk for task 1: random, or AlexNet with ImageNet weights (minus the last Linear)."""
+    trunk = build_trunk(arch, channels, image_size)
+    if pretrained:
+        if arch != "alexnet":
+            raise UserError(f"--pretrained needs --arch alexnet (there are no pretrained {arch} weights)")
+        state = {k: v for k, v in pretrained_alexnet_state().items() if not k.startswith("classifier.6.")}
+        check_tensors(state, trunk.state_dict(), "the ImageNet AlexNet weights")
+        trunk.load_state_dict(state)
+    return trunk
+
+
+def check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    """Same names and shapes, or a UserError naming the first offending parameter."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing:
+        raise UserError(f"{what} has no entry for parameter {missing[0]!r} ({len(missing)} missing)")
+    if extra:
+        raise UserError(f"{what} has an unknown parameter {extra[0]!r} ({len(extra)} not in the model)")
+    for name, tensor in found.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise UserError(f"{what}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        if tensor.shape != expected[name].shape:
+            raise UserError(
+                f"{what}: parameter {name!r} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(expected[name].shape)}"
+            )
+
+
+def task_folder(models_dir: str | Path, task_no: int) -> Path:
+    return Path(models_dir) / f"Task_{task_no}"
+
+
+def save_shared_model(shared: nn.Module, models_dir: str | Path) -> None:
+    save_torch(shared.state_dict(), Path(models_dir) / SHARED_MODEL)
+
+
+def load_shared_model(models_dir: str | Path, arch: str, channels: int, image_size: int) -> nn.Module:
+    trunk = build_trunk(arch, channels, image_size)
+    path = Path(models_dir) / SHARED_MODEL
+    state = load_torch(path)
+    check_tensors(state, trunk.state_dict(), str(path))
+    trunk.load_state_dict(state)
+    return trunk
+
+
+def save_head(head: nn.Linear, models_dir: str | Path, task_no: int) -> None:
+    save_torch(head.state_dict(), task_folder(models_dir, task_no) / HEAD)
+
+
+def load_head(models_dir: str | Path, task_no: int, in_features: int) -> nn.Linear:
+    path = task_folder(models_dir, task_no) / HEAD
+    state = load_torch(path)
+    weight = state.get("weight") if isinstance(state, dict) else None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise UserError(f"{path} is not a classification head (no 2-d 'weight')")
+    head = nn.Linear(in_features, weight.shape[0])
+    check_tensors(state, head.state_dict(), str(path))
+    head.load_state_dict(state)
+    return head
+
+
+def write_task_files(models_dir: str | Path, task_no: int, accuracy: float, classes: list[str]) -> None:
+    folder = task_folder(models_dir, task_no)
+    save_text(f"{accuracy:.6f}\n", folder / PERFORMANCE)
+    save_text(f"{len(classes)}\n" + "".join(f"{c}\n" for c in classes), folder / CLASSES)
+
+
+def read_performance(models_dir: str | Path, task_no: int) -> float:
+    path = task_folder(models_dir, task_no) / PERFORMANCE
+    try:
+        return float(path.read_text().strip())
+    except FileNotFoundError as err:
+        raise UserError(f"missing file {path}; was task {task_no} trained into this folder?") from err
+    except ValueError as err:
+        raise UserError(f"{path} does not hold an accuracy: {err}") from err
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "test") -> float:
+    """Top-1 accuracy in percent of ``model`` (a trunk with one task's head) on ``loader``."""
+    model.eval()
+    correct = total = 0
+    for inputs, labels in tqdm(loader, desc=desc, leave=False, disable=None):
+        logits = model(inputs.to(device))
+        correct += (logits.argmax(1).cpu() == labels).sum().item()
+        total += labels.numel()
+    if total == 0:
+        raise UserError(f"no images to evaluate in {getattr(loader.dataset, 'root', 'the test set')}")
+    return 100.0 * correct / total
