@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mas import ForgettingRow, compute_forgetting, mas_train
+from mas import METHODS, OMEGA_ESTIMATORS, ForgettingRow, compute_forgetting, mas_train
 from model_class import ARCHS
 from utils import UserError
 from utils.data_utils import make_task_data, read_manifest, task_dirs
@@ -76,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.01,
         help="weight of the MAS penalty sum Omega (theta - theta*)^2 (default: %(default)s)",
     )
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="mas",
+        help="mas, local_mas (Hebbian), the baselines ewc and si, or finetune (no penalty) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--omega_estimator",
+        choices=tuple(OMEGA_ESTIMATORS),
+        default="batch",
+        help="for --method mas: batch = |gradient of a batch sum| (the authors' default), "
+        "per_sample = the paper's exact per-sample definition (default: %(default)s)",
+    )
+    p.add_argument("--si_xi", type=_positive_float, default=0.1, help="SI's damping xi (default: %(default)s)")
     p.add_argument(
         "--data_dir", default="Data", help="task folders and manifest from data_prep.py (default: %(default)s)"
     )

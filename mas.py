@@ -18,10 +18,16 @@ import torch
 from tqdm import tqdm
 
 from model_class import TaskModel, build_head
-from model_train import TaskResult, seed_everything, train_model
+from model_train import ImportanceFn, TaskResult, seed_everything, train_model
 from optimizer_lib import LocalSgd
 from utils.data_utils import TaskData
-from utils.importance import mas_batch_importance
+from utils.importance import (
+    ewc_fisher,
+    local_mas_importance,
+    mas_batch_importance,
+    mas_per_sample_importance,
+    si_importance,
+)
 from utils.mas_utils import (
     attach_importance,
     consolidate_reg_params,
@@ -44,6 +50,9 @@ from utils.model_utils import (
     task_folder,
     write_task_files,
 )
+
+METHODS = ("mas", "local_mas", "ewc", "si", "finetune")
+OMEGA_ESTIMATORS = {"batch": mas_batch_importance, "per_sample": mas_per_sample_importance}
 
 
 @dataclass
@@ -78,6 +87,28 @@ def _warn_if_unstable(reg_params: dict, args: argparse.Namespace) -> None:
         )
 
 
+def select_importance(
+    args: argparse.Namespace, device: torch.device, optimizer: LocalSgd, shared: torch.nn.Module, reg_params: dict
+) -> ImportanceFn:
+    """The one place where the method is chosen: a method is the importance it computes
+    (and, for SI, what the optimizer accumulates while training). Everything else is shared."""
+    if args.method == "mas":
+        estimator = OMEGA_ESTIMATORS[args.omega_estimator]
+        return lambda model, task: estimator(model, task.importance, device)
+    if args.method == "local_mas":
+        return lambda model, task: local_mas_importance(model, task.importance, device)
+    if args.method == "ewc":
+        return lambda model, task: ewc_fisher(model, task.importance, device)
+    if args.method == "si":
+        theta_start = {name: entry["init_val"] for name, entry in reg_params.items()}
+        for param in trainable_parameters(shared).values():
+            optimizer.start_path_integral(param)
+        return lambda model, task: si_importance(optimizer, shared, theta_start, args.si_xi)
+    if args.method == "finetune":
+        return lambda model, task: {name: torch.zeros_like(e["omega"]) for name, e in reg_params.items()}
+    raise ValueError(f"unknown method {args.method!r}; choose from {METHODS}")
+
+
 def mas_train(task_no: int, task: TaskData, args: argparse.Namespace, device: torch.device) -> TaskResult:
     """Train task ``task_no`` (1-based) and write its artefacts under ``args.models_dir``."""
     seed_everything(task_seed(args.seed, task_no))
@@ -94,13 +125,10 @@ def mas_train(task_no: int, task: TaskData, args: argparse.Namespace, device: to
         momentum=args.momentum,
         weight_decay=args.weight_decay,
     )
-    if task_no > 1 and args.reg_lambda > 0:
+    if task_no > 1 and args.reg_lambda > 0 and args.method != "finetune":
         attach_importance(optimizer, shared, reg_params)
         _warn_if_unstable(reg_params, args)
-
-    def importance(trained: torch.nn.Module, data: TaskData) -> dict[str, torch.Tensor]:
-        return mas_batch_importance(trained, data.importance, device)
-
+    importance = select_importance(args, device, optimizer, shared, reg_params)
     result = train_model(model, optimizer, task, args.num_epochs, args.init_lr, device, importance)
     reg_params = consolidate_reg_params(reg_params, result.omega, shared)
     task_folder(args.models_dir, task_no).mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from main import build_parser
 from mas import mas_train, task_seed
 from model_class import AlexNetTrunk, MlpTrunk, TaskModel
 from model_train import seed_everything
@@ -26,7 +27,9 @@ from utils.model_utils import build_shared_model, load_head, load_shared_model
 
 
 def _args(data, models, **overrides) -> argparse.Namespace:
-    args = dict(
+    """main.py's defaults, with the tiny MLP data and the given overrides."""
+    args = build_parser().parse_args([])
+    settings = dict(
         data_dir=str(data),
         models_dir=str(models),
         arch="mlp",
@@ -40,11 +43,11 @@ def _args(data, models, **overrides) -> argparse.Namespace:
         init_lr=0.05,
         reg_lambda=1.0,
         momentum=0.0,
-        weight_decay=0.0,
-        seed=0,
     )
-    args.update(overrides)
-    return argparse.Namespace(**args)
+    settings.update(overrides)
+    for key, value in settings.items():
+        setattr(args, key, value)
+    return args
 
 
 def _tasks(data, args):

@@ -1,42 +1,333 @@
-"""Importance estimators of Memory Aware Synapses (Aljundi et al., ECCV 2018).
+"""Importance estimators: Omega for every trainable parameter of the shared trunk.
 
-An estimator is a pure function ``(model, loader, device) -> {param_name: Omega}`` over
-the trainable parameters of ``model.shared``; ``model`` is the shared trunk with the
-head of the task just trained, F(x) = head(shared(x)).
+An estimator is a pure function ``(model, loader, device) -> {param_name: Omega}`` over the
+trainable parameters of ``model.shared``; ``model`` is the trunk with the head of the task
+just trained, F(x) = head(shared(x)), and is scored in eval mode.
 
-MAS (Eq. 2 and 4):  Omega_ij = (1/N) sum_k | d ||F(x_k)||_2^2 / d theta_ij |.
+Memory Aware Synapses (Aljundi et al., ECCV 2018):
 
-- ``mas_batch_importance``: the authors' default estimator. It back-propagates the
-  batch sum sum_k ||F(x_k)||_2^2 and averages |gradient of the batch| over samples, so
-  the absolute value is taken after summing over a batch (|sum_k g_k| <= sum_k |g_k|):
-  it equals Eq. 2 only with batch size 1.
+- ``mas_batch_importance``: the authors' default. It back-propagates the batch sum
+  sum_k ||F(x_k)||_2^2 and averages |gradient of the batch| over samples: the absolute value
+  is taken after summing over a batch, |sum_k g_k| <= sum_k |g_k|, so it equals Eq. 2 only with
+  batch size 1 and otherwise depends on the batch size.
+- ``mas_per_sample_importance``: Eq. 2 and 4 exactly, Omega = (1/N) sum_k |d ||F(x_k)||_2^2 / d theta|,
+  at the cost of one batched backward pass (see "Per-sample sums" below).
+- ``local_mas_importance``: the local (Hebbian) variant of Sec. 4, each layer on its own.
+
+Baselines sharing the same machinery:
+
+- ``ewc_fisher``: EWC's diagonal empirical Fisher (Kirkpatrick et al., PNAS 2017),
+  (1/N) sum_k (d log p(y_k | x_k) / d theta)^2.
+- ``si_importance``: Synaptic Intelligence (Zenke et al., ICML 2017), from the path integral
+  that ``LocalSgd`` accumulates during training.
+
+Per-sample sums. In eval mode the samples of a batch do not interact, so one backward pass of
+the batch-summed loss gives every sample's gradient G_k at the output of each layer. With the
+layer's input X_k captured by a forward hook, the per-sample weight gradient of a Linear layer
+is the outer product G_k X_k^T, hence exactly
+
+    sum_k |G_k X_k^T|   = |G|^T |X|         (MAS: power 1)
+    sum_k (G_k X_k^T)^2 = (G^2)^T (X^2)     (EWC: power 2)
+
+and the bias term is sum_k |G_k|^p. For a convolution the per-sample weight gradient is
+G_k U_k^T with U_k the unfolded input; it is formed in chunks of samples (bounded memory),
+raised to the power and summed. Any other parameter falls back to ``torch.func``
+(``functional_call`` + ``vmap(grad)``), chunked. No per-sample gradient is ever stored for a
+whole batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from optimizer_lib import OmegaUpdate
 from utils.mas_utils import trainable_parameters
 
+Importance = dict[str, torch.Tensor]
+BatchLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh)
+CHUNK_ELEMENTS = 2**24  # per-sample gradients formed at once by the torch.func fallback: 64 MB
 
-def mas_batch_importance(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, torch.Tensor]:
-    """Omega = (1/N) sum over batches of | d/dtheta sum_{k in batch} ||F(x_k)||_2^2 |, in eval mode."""
+
+def _squared_output_norm(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return outputs.pow(2).sum()  # Eq. 4, summed over the batch: sum_k ||F(x_k)||_2^2
+
+
+def _negative_log_likelihood(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, labels, reduction="sum")  # -sum_k log p(y_k | x_k)
+
+
+def mas_batch_importance(model: nn.Module, loader: DataLoader, device: torch.device) -> Importance:
+    """Omega = (1/N) sum over batches of | d/dtheta sum_{k in batch} ||F(x_k)||_2^2 | (authors' estimator)."""
     params = trainable_parameters(model.shared)
     omega_update = OmegaUpdate(params.values())
     model.eval()
-    for inputs, _ in tqdm(loader, desc="importance", leave=False, disable=None):
+    for inputs, labels in tqdm(loader, desc="importance (batch)", leave=False, disable=None):
         model.zero_grad(set_to_none=True)
-        outputs = model(inputs.to(device))
-        outputs.pow(2).sum().backward()  # Eq. 4, summed over the batch: sum_k ||F(x_k)||_2^2
+        _squared_output_norm(model(inputs.to(device)), labels).backward()
         omega_update.step(batch_size=inputs.shape[0])
     model.zero_grad(set_to_none=True)
+    state = omega_update.state
     return {
-        name: omega_update.state[p]["omega"].cpu()
-        if "omega" in omega_update.state[p]
-        else torch.zeros_like(p, device="cpu")
-        for name, p in params.items()
+        name: state[p]["omega"].cpu() if state[p] else torch.zeros_like(p, device="cpu") for name, p in params.items()
     }
+
+
+def mas_per_sample_importance(model: nn.Module, loader: DataLoader, device: torch.device) -> Importance:
+    """Eq. 2 exactly: Omega = (1/N) sum_k | d ||F(x_k)||_2^2 / d theta |."""
+    return _per_sample_mean(model, loader, device, _squared_output_norm, power=1, desc="importance (per sample)")
+
+
+def ewc_fisher(model: nn.Module, loader: DataLoader, device: torch.device) -> Importance:
+    """EWC's diagonal empirical Fisher: (1/N) sum_k (d log p(y_k | x_k) / d theta)^2, true labels."""
+    return _per_sample_mean(model, loader, device, _negative_log_likelihood, power=2, desc="Fisher")
+
+
+# --------------------------------------------------------------------------- per-sample sums
+
+
+@contextlib.contextmanager
+def _no_inplace(model: nn.Module) -> Iterator[None]:
+    """In-place activations would overwrite the layer outputs the hooks keep."""
+    changed = [m for m in model.modules() if getattr(m, "inplace", False)]
+    for m in changed:
+        m.inplace = False
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.inplace = True
+
+
+def _hookable(module: nn.Module) -> bool:
+    """Layers whose per-sample gradients have a closed form here."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+
+
+def _layers(shared: nn.Module) -> dict[str, nn.Module]:
+    """Hookable layers of ``shared`` that own trainable parameters, by module name."""
+    return {
+        name: m
+        for name, m in shared.named_modules()
+        if _hookable(m) and any(p.requires_grad for p in m.parameters(recurse=False))
+    }
+
+
+class _Taps:
+    """Forward hooks that keep each layer's input and output for one forward pass."""
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in layers.items()]
+
+    def _hook(self, name: str):
+        def keep(module, args, output):
+            if name in self.outputs:
+                raise ValueError(f"layer {name} runs twice in one forward pass; per-sample sums need one call")
+            self.inputs[name] = args[0].detach()
+            self.outputs[name] = output
+
+        return keep
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.outputs.clear()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _power_sum(t: torch.Tensor, power: int, dim: int = 0) -> torch.Tensor:
+    """sum |t|^power over ``dim``."""
+    return t.abs().sum(dim) if power == 1 else t.square().sum(dim)
+
+
+def _accumulate_layer(
+    module: nn.Module, x: torch.Tensor, g: torch.Tensor, power: int, totals: dict[str, torch.Tensor]
+) -> None:
+    """totals[k] += sum over the batch of |per-sample gradient|^power, for k in ("weight", "bias"),
+    from the layer's inputs x and the gradients g at its output."""
+    if isinstance(module, nn.Linear):
+        # sum_k |g_k x_k^T|^p = (|G|^p)^T (|X|^p), since |g_i x_j|^p = |g_i|^p |x_j|^p
+        gp, xp = (g.abs(), x.abs()) if power == 1 else (g.square(), x.square())
+        if "weight" in totals:
+            totals["weight"].addmm_(gp.T, xp)
+        if "bias" in totals:
+            totals["bias"] += gp.sum(0)
+        return
+    g = g.flatten(2)  # (B, Cout, L)
+    if "weight" in totals:
+        unfolded = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # (B, CinKK, L)
+        unfolded = unfolded.transpose(1, 2).contiguous()
+        weight = totals["weight"].view(g.shape[1], -1)
+        per_sample = torch.empty_like(weight)
+        # One sample at a time keeps the (Cout, CinKK) product in cache: a batch of them is memory-bound.
+        for k in range(g.shape[0]):
+            torch.mm(g[k], unfolded[k], out=per_sample)  # the weight gradient of sample k
+            weight += per_sample.abs_() if power == 1 else per_sample.square_()
+    if "bias" in totals:
+        totals["bias"] += _power_sum(g.sum(2), power)
+
+
+def _fallback_sums(model, others: dict[str, nn.Parameter], inputs, labels, batch_loss: BatchLoss, power: int):
+    """sum_k |per-sample gradient|^power for parameters outside Linear/Conv2d layers, by vmap(grad)."""
+    frozen = {f"shared.{n}": p.detach() for n, p in model.shared.named_parameters() if n not in others}
+    frozen.update({f"head.{n}": p.detach() for n, p in model.head.named_parameters()})
+    frozen.update({n: b for n, b in model.named_buffers()})
+
+    def sample_loss(params, x, y):
+        out = functional_call(model, {**frozen, **{f"shared.{n}": p for n, p in params.items()}}, (x[None],))
+        return batch_loss(out, y[None])
+
+    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    params = {n: p.detach() for n, p in others.items()}
+    chunk = max(1, CHUNK_ELEMENTS // max(1, sum(p.numel() for p in params.values())))
+    sums = {n: torch.zeros_like(p) for n, p in params.items()}
+    for start in range(0, inputs.shape[0], chunk):
+        grads = per_sample_grad(params, inputs[start : start + chunk], labels[start : start + chunk])
+        for n in sums:
+            sums[n] += _power_sum(grads[n], power)
+    return sums
+
+
+def _qualified(module_name: str, param_name: str) -> str:
+    return f"{module_name}.{param_name}" if module_name else param_name
+
+
+def _layer_totals(layer_name: str, layer: nn.Module, totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of ``totals`` that belong to one layer, by its own parameter names."""
+    return {
+        k: totals[_qualified(layer_name, k)]
+        for k, _ in layer.named_parameters(recurse=False)
+        if _qualified(layer_name, k) in totals
+    }
+
+
+def _accumulate_batch(
+    model, layers, taps, others, inputs, labels, batch_loss: BatchLoss, power: int, totals: dict[str, torch.Tensor]
+) -> None:
+    """Per-sample sums of one batch: one forward, one backward to the layer outputs, closed forms."""
+    taps.clear()
+    loss = batch_loss(model(inputs), labels)
+    names = list(taps.outputs)
+    output_grads = torch.autograd.grad(loss, [taps.outputs[n] for n in names]) if names else []
+    with torch.no_grad():
+        for name, g in zip(names, output_grads):
+            _accumulate_layer(layers[name], taps.inputs[name], g, power, _layer_totals(name, layers[name], totals))
+        taps.clear()
+        if others:
+            for n, total in _fallback_sums(model, others, inputs, labels, batch_loss, power).items():
+                totals[n] += total
+
+
+def _per_sample_mean(
+    model: nn.Module, loader: DataLoader, device: torch.device, batch_loss: BatchLoss, power: int, desc: str
+) -> Importance:
+    """(1/N) sum_k |d loss_k / d theta|^power for every trainable parameter of ``model.shared``."""
+    params = trainable_parameters(model.shared)
+    layers = _layers(model.shared)
+    covered = {_qualified(m, k) for m, layer in layers.items() for k, _ in layer.named_parameters(recurse=False)}
+    others = {n: p for n, p in params.items() if n not in covered}
+    totals = {n: torch.zeros_like(p) for n, p in params.items()}
+    seen = 0
+    model.eval()
+    taps = _Taps(layers)
+    try:
+        with _no_inplace(model):
+            for inputs, labels in tqdm(loader, desc=desc, leave=False, disable=None):
+                inputs, labels = inputs.to(device), labels.to(device)
+                _accumulate_batch(model, layers, taps, others, inputs, labels, batch_loss, power, totals)
+                seen += inputs.shape[0]
+    finally:
+        taps.remove()
+    return {n: (t / max(seen, 1)).cpu() for n, t in totals.items()}
+
+
+# --------------------------------------------------------------------------- local (Hebbian) MAS
+
+
+def _activations_after(shared: nn.Module) -> dict[str, nn.Module]:
+    """For each layer inside an nn.Sequential, the activation module right after it (if any)."""
+    found = {}
+    for parent_name, parent in shared.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for (name, _), (_, following) in zip(children, children[1:]):
+            if isinstance(following, ACTIVATIONS):
+                found[f"{parent_name}.{name}" if parent_name else name] = following
+    return found
+
+
+def _local_output_grad(z: torch.Tensor, activation: nn.Module | None) -> torch.Tensor:
+    """d ||y||_2^2 / dz for y = activation(z): 2 y activation'(z) (2 z without an activation)."""
+    if activation is None:
+        return 2 * z
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        y = activation(z.clone())  # clone: an in-place activation must not write into a leaf
+        (g,) = torch.autograd.grad(y.pow(2).sum(), z)
+    return g
+
+
+def local_mas_importance(model: nn.Module, loader: DataLoader, device: torch.device) -> Importance:
+    """Local MAS (Sec. 4): every layer l is a function of its own, y_l = act(W_l x + b_l), where act is
+    the non-linearity that follows the layer (identity if none) and the input x is a constant.
+
+        Omega_ij = (1/N) sum_k | d ||y_l(x_k)||_2^2 / d W_ij | = (1/N) sum_k 2 |y_i act'(z_i) x_j|
+
+    For a Linear+ReLU layer, act'(z_i) = 1 wherever y_i != 0, so Omega_ij = mean_k 2 |y_i x_j|: the
+    Hebbian product of the activities of the two neurons the weight connects (constant 2 from the
+    square). Biases see x_j = 1. Convolutions sum the product over the positions a weight is used at,
+    per sample, before the absolute value. Only a forward pass is needed.
+    """
+    params = trainable_parameters(model.shared)
+    layers = _layers(model.shared)
+    covered = {_qualified(m, k) for m, layer in layers.items() for k, _ in layer.named_parameters(recurse=False)}
+    if set(params) - covered:
+        raise ValueError(f"local MAS needs Linear/Conv2d layers; {sorted(set(params) - covered)[0]} is in neither")
+    activations = _activations_after(model.shared)
+    totals = {n: torch.zeros_like(p) for n, p in params.items()}
+    seen = 0
+    model.eval()
+    taps = _Taps(layers)
+    try:
+        with _no_inplace(model), torch.no_grad():
+            for inputs, _ in tqdm(loader, desc="importance (local)", leave=False, disable=None):
+                taps.clear()
+                model(inputs.to(device))
+                for name, layer in layers.items():
+                    g = _local_output_grad(taps.outputs[name], activations.get(name))
+                    _accumulate_layer(layer, taps.inputs[name], g, 1, _layer_totals(name, layer, totals))
+                seen += inputs.shape[0]
+    finally:
+        taps.remove()
+    return {n: (t / max(seen, 1)).cpu() for n, t in totals.items()}
+
+
+# --------------------------------------------------------------------------- synaptic intelligence
+
+
+def si_importance(optimizer, shared: nn.Module, theta_start: dict[str, torch.Tensor], xi: float) -> Importance:
+    """SI (Zenke et al. 2017, Eq. 5): Omega = omega / ((theta_end - theta_start)^2 + xi), with omega the
+    path integral -sum_steps g * delta_theta that ``LocalSgd`` accumulated over the task."""
+    importance = {}
+    for name, p in trainable_parameters(shared).items():
+        path = optimizer.state[p].get("path_integral")
+        if path is None:
+            raise ValueError(f"no path integral for {name}: call LocalSgd.start_path_integral before training")
+        drift = p.detach().cpu() - theta_start[name]
+        importance[name] = path.detach().cpu() / (drift.square() + xi)
+    return importance

@@ -1,0 +1,47 @@
+"""Every method runs the digits sequence through the same pipeline and writes the same artefacts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data_prep import main as data_prep
+from main import main
+from utils.io_utils import load_tensor_pickle
+
+TREE = {"reg_params.pickle", "shared_model.pth"} | {
+    f"Task_{t}/{f}" for t in range(1, 6) for f in ("head.pth", "performance.txt", "classes.txt")
+}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "Data"
+    data_prep(["--dataset", "digits", "--data_dir", str(out)])
+    return out
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--method", "mas"],
+        ["--method", "mas", "--omega_estimator", "per_sample"],
+        ["--method", "local_mas"],
+        ["--method", "ewc"],
+        ["--method", "si", "--si_xi", "0.5"],
+        ["--method", "finetune"],
+    ],
+    ids=lambda f: "-".join(f[1::2]),
+)
+def test_every_method_writes_the_same_artefact_tree(digits, tmp_path, flags):
+    models = tmp_path / "models"
+    results = main(["--data_dir", str(digits), "--models_dir", str(models), "--num_epochs", "1", *flags])
+    assert {str(p.relative_to(models)) for p in models.rglob("*") if p.is_file()} == TREE
+    assert [r["task"] for r in results["forgetting"]] == [1, 2, 3, 4, 5]
+    reg_params = load_tensor_pickle(models / "reg_params.pickle")
+    assert sorted(reg_params) == ["net.1.bias", "net.1.weight", "net.3.bias", "net.3.weight"]
+    total = sum(float(e["omega"].abs().sum()) for e in reg_params.values())
+    if flags[1] == "finetune":
+        assert total == 0.0
+    else:
+        assert total > 0.0 and all(torch.isfinite(e["omega"]).all() for e in reg_params.values())
