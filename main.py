@@ -10,7 +10,13 @@ Omega (theta - theta*)^2  (Eq. 3), with Omega measured after every task (Eq. 2, 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shlex
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -18,7 +24,14 @@ import torch
 from mas import METHODS, OMEGA_ESTIMATORS, ForgettingRow, compute_forgetting, mas_train
 from model_class import ARCHS
 from utils import UserError
+from utils.checkpoint import CHECKPOINT, argument_differences, load_checkpoint, remove_checkpoint, run_arguments
 from utils.data_utils import make_task_data, read_manifest, task_dirs
+from utils.mas_utils import REG_PARAMS
+from utils.model_utils import SHARED_MODEL
+from utils.results import MATRIX_CSV, RESULTS, load_results, new_results, record_task, save_results
+
+RUN_FILES = {RESULTS, MATRIX_CSV, CHECKPOINT, SHARED_MODEL, REG_PARAMS, "plots"}
+TASK_DIR = re.compile(r"^Task_\d+$")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,6 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_workers", type=_at_least(0, int), default=2, help="data loading processes (default: %(default)s)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of every random number generator (default: %(default)s)")
+    p.add_argument(
+        "--eval_every_task",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after every task, score all tasks seen so far (the full accuracy matrix); "
+        "without it only the diagonal and the last row (default: %(default)s)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the interrupted run in --models_dir (default: %(default)s)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the artefacts of an earlier run in --models_dir (default: %(default)s)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors (default: %(default)s)")
     return p
 
@@ -175,6 +203,93 @@ def format_table(rows: list[ForgettingRow]) -> str:
     return "\n".join(lines)
 
 
+def _previous_run(models_dir: Path) -> list[str]:
+    """Artefacts of an earlier run in ``models_dir``."""
+    if not models_dir.is_dir():
+        return []
+    return sorted(p.name for p in models_dir.iterdir() if p.name in RUN_FILES or TASK_DIR.match(p.name))
+
+
+def _remove_previous_run(models_dir: Path) -> None:
+    """--overwrite: delete the earlier run's artefacts (only files and folders this program writes)."""
+    for name in _previous_run(models_dir):
+        path = models_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _check_models_dir(models_dir: Path) -> None:
+    if models_dir.exists() and not models_dir.is_dir():
+        raise UserError(f"--models_dir {models_dir} exists and is not a folder")
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        os.listdir(models_dir)
+        with tempfile.TemporaryFile(dir=models_dir):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot use --models_dir {models_dir}: {err.strerror or err}") from err
+
+
+def _remove_stale_temporaries(models_dir: Path) -> None:
+    """Temporary files of writes that a crash interrupted (the files they would have replaced are intact)."""
+    for path in [*models_dir.glob(".*.tmp"), *models_dir.glob("Task_*/.*.tmp")]:
+        path.unlink(missing_ok=True)
+
+
+def _resume_run(args: argparse.Namespace, manifest: dict, models_dir: Path) -> tuple[dict, dict | None]:
+    results = load_results(models_dir)
+    checkpoint = load_checkpoint(models_dir)
+    if results is None and checkpoint is None:
+        raise UserError(f"nothing to resume in {models_dir}: it holds neither {RESULTS} nor {CHECKPOINT}")
+    if results is not None and checkpoint is not None and checkpoint["args"] != results["args"]:
+        raise UserError(f"{models_dir / CHECKPOINT} belongs to another run than {models_dir / RESULTS}")
+    stored = results["args"] if results is not None else checkpoint["args"]
+    differences = argument_differences(stored, run_arguments(args))
+    if differences:
+        raise UserError(f"--resume with arguments that differ from the run in {models_dir}: " + "; ".join(differences))
+    _remove_stale_temporaries(models_dir)
+    results = results if results is not None else new_results(args, manifest)
+    if checkpoint is not None and checkpoint["task"] <= len(results["tasks"]):
+        checkpoint = None  # the task finished; only the checkpoint's removal was interrupted
+    return results, checkpoint
+
+
+def open_run(args: argparse.Namespace, manifest: dict) -> tuple[dict, dict | None]:
+    """The run's results so far and the checkpoint of an unfinished task (``--resume``), or a fresh run."""
+    models_dir = Path(args.models_dir)
+    previous = _previous_run(models_dir)
+    _check_models_dir(models_dir)
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
+    if args.resume:
+        return _resume_run(args, manifest, models_dir)
+    if previous:
+        if not args.overwrite:
+            shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
+            raise UserError(
+                f"{models_dir} holds a previous run ({shown}); "
+                "pass --resume to continue it or --overwrite to replace it"
+            )
+        _remove_previous_run(models_dir)
+    return new_results(args, manifest), None
+
+
+def _task_entry(task_no: int, task, result, wall_seconds: float, resumed: bool) -> dict:
+    return {
+        "task": task_no,
+        "name": task.name,
+        "classes": task.classes,
+        "test_accuracy": result.test_accuracy,
+        "history": result.history,
+        "train_seconds": result.train_seconds,
+        "importance_seconds": result.importance_seconds,
+        "wall_seconds": wall_seconds,
+        "resumed": resumed,
+    }
+
+
 def run(args: argparse.Namespace, manifest: dict) -> dict:
     device = select_device(args.use_gpu)
     applied = ", ".join(f"{k}={v}" for k, v in manifest["applied_defaults"].items())
@@ -183,42 +298,65 @@ def run(args: argparse.Namespace, manifest: dict) -> dict:
     tasks = [
         make_task_data(f, manifest, args.channels, args.image_size, args.batch_size, args.num_workers) for f in folders
     ]
-    Path(args.models_dir).mkdir(parents=True, exist_ok=True)
-    results = []
+    results, checkpoint = open_run(args, manifest)
+    rows = None
     for task_no, task in enumerate(tasks, start=1):
-        print(f"== {task.name}: {len(task.classes)} classes, {len(task.train.dataset)} training images ==")
-        results.append(mas_train(task_no, task, args, device))
-    rows = compute_forgetting(args.models_dir, tasks, args, device)
+        if task_no <= len(results["tasks"]):
+            print(f"== {task.name}: finished in the interrupted run, kept ==")
+            continue
+        resume = checkpoint if checkpoint is not None and checkpoint["task"] == task_no else None
+        resumed = f", resuming after epoch {resume['epoch'] + 1}" if resume else ""
+        print(f"== {task.name}: {len(task.classes)} classes, {len(task.train.dataset)} training images{resumed} ==")
+        tic = time.perf_counter()
+        result = mas_train(task_no, task, args, device, resume)
+        evaluate_now = args.eval_every_task or task_no == len(tasks)
+        rows = compute_forgetting(args.models_dir, tasks[:task_no], args, device) if evaluate_now else None
+        entry = _task_entry(task_no, task, result, time.perf_counter() - tic, resume is not None)
+        record_task(results, entry, [r.now for r in rows] if rows else None)
+        save_results(results, args.models_dir)
+        remove_checkpoint(args.models_dir)
+    if rows is None:
+        rows = compute_forgetting(args.models_dir, tasks, args, device)
     print(format_table(rows))
+    print(f"average accuracy: {_pp(sum(r.now for r in rows) / len(rows))} %")
     return {
-        "args": {k: v for k, v in vars(args).items()},
-        "tasks": [
-            {
-                "task": i,
-                "test_accuracy": r.test_accuracy,
-                "history": r.history,
-                "train_seconds": r.train_seconds,
-                "importance_seconds": r.importance_seconds,
-            }
-            for i, r in enumerate(results, start=1)
-        ],
+        **results,
         "forgetting": [vars(r) for r in rows],
         "average_forgetting": sum(r.forgetting for r in rows) / len(rows),
         "average_accuracy": sum(r.now for r in rows) / len(rows),
     }
 
 
+def _one_line(err: Exception) -> str:
+    """The message of a UserError, also when a DataLoader worker wrapped it in its traceback."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[-1].removeprefix(f"{UserError.__module__}.{UserError.__name__}: ") if lines else repr(err)
+
+
+def _resume_command(argv: list[str]) -> str:
+    kept = [a for a in argv if a not in ("--resume", "--overwrite")]
+    return " ".join(["python3 main.py", *map(shlex.quote, kept), "--resume"])
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Parse ``argv``, train every task, print and return the results."""
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     try:
         args, manifest = parse_args(argv)
         return run(args, manifest)
     except UserError as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: finished tasks and the last epoch's checkpoint are intact; continue with\n"
+            f"  {_resume_command(argv)}",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from model_class import TaskModel, build_head
 from model_train import ImportanceFn, TaskResult, seed_everything, train_model
 from optimizer_lib import LocalSgd
+from utils.checkpoint import restore_rng, save_checkpoint
 from utils.data_utils import TaskData
 from utils.importance import (
     ewc_fisher,
@@ -30,6 +31,7 @@ from utils.importance import (
 )
 from utils.mas_utils import (
     attach_importance,
+    check_reg_params,
     consolidate_reg_params,
     create_freeze_layers,
     init_reg_params,
@@ -41,6 +43,7 @@ from utils.mas_utils import (
 )
 from utils.model_utils import (
     build_shared_model,
+    check_tensors,
     evaluate,
     load_head,
     load_shared_model,
@@ -68,9 +71,11 @@ def task_seed(seed: int, task_no: int) -> int:
     return seed * 10_007 + task_no
 
 
-def _shared_model(task_no: int, args: argparse.Namespace) -> torch.nn.Module:
-    if task_no == 1:
-        shared = build_shared_model(args.arch, args.channels, args.image_size, args.pretrained)
+def _shared_model(task_no: int, args: argparse.Namespace, fresh: bool) -> torch.nn.Module:
+    """Task 1 starts from a new (or ImageNet) trunk, later tasks from the previous task's;
+    ``fresh=False`` builds only the structure, for weights that come from a checkpoint."""
+    if task_no == 1 or not fresh:
+        shared = build_shared_model(args.arch, args.channels, args.image_size, args.pretrained and fresh)
     else:
         shared = load_shared_model(args.models_dir, args.arch, args.channels, args.image_size)
     create_freeze_layers(shared, args.num_freeze_layers)
@@ -102,22 +107,33 @@ def select_importance(
     if args.method == "si":
         theta_start = {name: entry["init_val"] for name, entry in reg_params.items()}
         for param in trainable_parameters(shared).values():
-            optimizer.start_path_integral(param)
+            if "path_integral" not in optimizer.state[param]:  # a resumed task keeps its integral
+                optimizer.start_path_integral(param)
         return lambda model, task: si_importance(optimizer, shared, theta_start, args.si_xi)
     if args.method == "finetune":
         return lambda model, task: {name: torch.zeros_like(e["omega"]) for name, e in reg_params.items()}
     raise ValueError(f"unknown method {args.method!r}; choose from {METHODS}")
 
 
-def mas_train(task_no: int, task: TaskData, args: argparse.Namespace, device: torch.device) -> TaskResult:
-    """Train task ``task_no`` (1-based) and write its artefacts under ``args.models_dir``."""
-    seed_everything(task_seed(args.seed, task_no))
-    shared = _shared_model(task_no, args)
-    model = TaskModel(shared, build_head(shared, len(task.classes))).to(device)
+def _start_task(task_no: int, task: TaskData, args: argparse.Namespace, checkpoint: dict | None):
+    """Model and reg_params at the start of the task, or where the checkpoint left them."""
+    if checkpoint is None:
+        seed_everything(task_seed(args.seed, task_no))
+    shared = _shared_model(task_no, args, fresh=checkpoint is None)
+    model = TaskModel(shared, build_head(shared, len(task.classes)))
+    if checkpoint is not None:
+        check_tensors(checkpoint["model"], model.state_dict(), "the checkpoint's model")
+        model.load_state_dict(checkpoint["model"])
+        check_reg_params(checkpoint["reg_params"], shared, "the checkpoint's reg_params")
+        return model, checkpoint["reg_params"]
     if task_no == 1:
-        reg_params = init_reg_params(shared)
-    else:
-        reg_params = init_reg_params_across_tasks(load_reg_params(args.models_dir, shared), shared)
+        return model, init_reg_params(shared)
+    return model, init_reg_params_across_tasks(load_reg_params(args.models_dir, shared), shared)
+
+
+def _optimizer(
+    model: TaskModel, reg_params: dict, args: argparse.Namespace, task_no: int, checkpoint: dict | None
+) -> LocalSgd:
     optimizer = LocalSgd(
         trainable_parameters(model).values(),
         lr=args.init_lr,
@@ -125,17 +141,56 @@ def mas_train(task_no: int, task: TaskData, args: argparse.Namespace, device: to
         momentum=args.momentum,
         weight_decay=args.weight_decay,
     )
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
     if task_no > 1 and args.reg_lambda > 0 and args.method != "finetune":
-        attach_importance(optimizer, shared, reg_params)
+        attach_importance(optimizer, model.shared, reg_params)
         _warn_if_unstable(reg_params, args)
-    importance = select_importance(args, device, optimizer, shared, reg_params)
-    result = train_model(model, optimizer, task, args.num_epochs, args.init_lr, device, importance)
-    reg_params = consolidate_reg_params(reg_params, result.omega, shared)
+    return optimizer
+
+
+def _save_task(
+    task_no: int, task: TaskData, args: argparse.Namespace, model: TaskModel, reg_params: dict, result: TaskResult
+) -> None:
+    """The task's final artefacts; the shared model and reg_params are replaced last."""
     task_folder(args.models_dir, task_no).mkdir(parents=True, exist_ok=True)
     save_head(model.head, args.models_dir, task_no)
     write_task_files(args.models_dir, task_no, result.test_accuracy, task.classes)
-    save_shared_model(shared, args.models_dir)
+    save_shared_model(model.shared, args.models_dir)
     save_reg_params(reg_params, args.models_dir)
+
+
+def mas_train(
+    task_no: int, task: TaskData, args: argparse.Namespace, device: torch.device, checkpoint: dict | None = None
+) -> TaskResult:
+    """Train task ``task_no`` (1-based), from its start or from ``checkpoint``, checkpointing
+    after every epoch, and write its artefacts under ``args.models_dir``."""
+    model, reg_params = _start_task(task_no, task, args, checkpoint)
+    model.to(device)
+    optimizer = _optimizer(model, reg_params, args, task_no, checkpoint)
+    importance = select_importance(args, device, optimizer, model.shared, reg_params)
+    if checkpoint is not None:
+        restore_rng(checkpoint["rng"])
+
+    def on_epoch_end(epoch: int, history: list[dict]) -> None:
+        save_checkpoint(args.models_dir, task_no, epoch, args, model, optimizer, reg_params, history)
+
+    start_epoch = 0 if checkpoint is None else checkpoint["epoch"] + 1
+    history = [] if checkpoint is None else checkpoint["history"]
+    result = train_model(
+        model,
+        optimizer,
+        task,
+        args.num_epochs,
+        args.init_lr,
+        device,
+        importance,
+        start_epoch=start_epoch,
+        history=history,
+        on_epoch_end=on_epoch_end,
+    )
+    reg_params = consolidate_reg_params(reg_params, result.omega, model.shared)
+    _save_task(task_no, task, args, model, reg_params, result)
     return result
 
 

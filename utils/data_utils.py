@@ -137,7 +137,9 @@ def _loader(folder: Path, transform, mode: str, batch_size: int, shuffle: bool, 
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        # Workers are restarted every epoch and seeded from the main RNG, which checkpoints
+        # restore: a resumed run sees the same augmentations even with --num_workers > 0.
+        persistent_workers=False,
     )
 
 

@@ -11,11 +11,14 @@ only rebuilds dicts, lists, strings, numbers and tensors.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
 import pickle
+import signal
 import tempfile
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,23 +40,41 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the enclosed write is complete, then raise KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success.
 
-    An OSError (disk full, read-only folder) becomes a UserError that names the
-    file and says the previous version is intact.
+    Ctrl-C during the write is held until the file is complete. An OSError (disk full,
+    read-only folder) becomes a UserError that names the file and says the previous
+    version is intact.
     """
     path = Path(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
+        with _sigint_deferred():
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, mode) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            tmp = None
+            _fsync_dir(path.parent)
     except OSError as err:
         reason = err.strerror or str(err)
         raise UserError(f"could not write {path}: {reason}; the previous version of the file is intact") from err
@@ -63,9 +84,32 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
                 os.unlink(tmp)
 
 
+class _RecordingWriter:
+    """A file proxy for torch.save, which turns the OSError of a failed write into a vague
+    RuntimeError; the proxy keeps the OSError so that the real reason can be reported."""
+
+    def __init__(self, handle: IO) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
     with atomic_open(path) as handle:
-        torch.save(obj, handle)
+        writer = _RecordingWriter(handle)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError as err:
+            raise (writer.error or OSError(errno.EIO, f"torch.save failed: {err}")) from err
 
 
 def save_pickle(obj: Any, path: str | os.PathLike) -> None:

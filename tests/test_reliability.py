@@ -1,0 +1,334 @@
+"""Resume after SIGKILL and Ctrl-C, atomic artefacts, disk full, and refusal to mix runs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import utils.io_utils as io_utils
+from conftest import ROOT, write_dataset
+from main import main
+from utils.checkpoint import load_checkpoint
+from utils.io_utils import load_tensor_pickle
+
+# Slow enough epochs (400 images of 16x16 per task) that a signal lands inside task 2.
+RUN = ["--num_epochs", "6", "--batch_size", "4", "--init_lr", "0.02", "--reg_lambda", "0.5", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def slow_data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("slow") / "Data", num_tasks=3, n_train=200, n_test=20, size=16)
+
+
+@pytest.fixture(scope="module")
+def reference(slow_data, tmp_path_factory) -> tuple[Path, str]:
+    """An uninterrupted run: its models folder and its printed table."""
+    models = tmp_path_factory.mktemp("ref") / "models"
+    proc = _main_process(slow_data, models)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0
+    return models, _table(out)
+
+
+def _main_process(data: Path, models: Path, *extra: str) -> subprocess.Popen:
+    argv = [sys.executable, "-u", str(ROOT / "main.py"), "--data_dir", str(data), "--models_dir", str(models), *RUN]
+    return subprocess.Popen([*argv, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def _table(out: str) -> str:
+    return out[out.index("Task | after training") :]
+
+
+def _signal_in_task_2(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` once task 2 has finished two epochs."""
+    for line in proc.stdout:
+        if line.startswith("Task_2 epoch   2/"):
+            proc.send_signal(sig)
+            return
+    raise AssertionError("the run ended before task 2 started")
+
+
+def _assert_same_artefacts(models: Path, reference: Path) -> None:
+    for task in (1, 2, 3):
+        name = f"Task_{task}/performance.txt"
+        assert (models / name).read_text() == (reference / name).read_text()
+        head, ref_head = (torch.load(m / f"Task_{task}" / "head.pth", weights_only=True) for m in (models, reference))
+        assert all(torch.equal(head[k], ref_head[k]) for k in ref_head)
+    ours, ref = (load_tensor_pickle(m / "reg_params.pickle") for m in (models, reference))
+    assert sorted(ours) == sorted(ref)
+    for name in ref:
+        for key in ("omega", "init_val", "prev_omega"):
+            assert torch.equal(ours[name][key], ref[name][key]), (name, key)
+
+
+def test_sigkill_in_task_2_then_resume_equals_an_uninterrupted_run(slow_data, reference, tmp_path):
+    models = tmp_path / "models"
+    proc = _main_process(slow_data, models)
+    _signal_in_task_2(proc, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    checkpoint = load_checkpoint(models)
+    assert checkpoint["task"] == 2 and 1 <= checkpoint["epoch"] + 1 < 6  # killed in the middle of task 2
+    assert (models / "Task_1" / "performance.txt").exists() and not (models / "Task_2").exists()
+    resumed = _main_process(slow_data, models, "--resume")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert f"resuming after epoch {checkpoint['epoch'] + 1}" in out
+    assert "Task_1: finished in the interrupted run, kept" in out
+    assert _table(out) == reference[1]
+    _assert_same_artefacts(models, reference[0])
+    assert not (models / "checkpoint.pth").exists()
+    assert not list(models.rglob(".*.tmp"))
+
+
+def test_ctrl_c_says_how_to_resume_and_exits_130(slow_data, reference, tmp_path):
+    models = tmp_path / "models"
+    proc = _main_process(slow_data, models)
+    _signal_in_task_2(proc, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted: finished tasks and the last epoch's checkpoint are intact" in err
+    assert "Traceback" not in err
+    command = err.strip().splitlines()[-1].strip()
+    assert command.startswith("python3 main.py ") and command.endswith(" --resume")
+    assert load_checkpoint(models)["task"] == 2
+    resumed = subprocess.run([sys.executable, *command.split()[1:]], capture_output=True, text=True, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _table(resumed.stdout) == reference[1]
+    _assert_same_artefacts(models, reference[0])
+
+
+def _tiny_run(data: Path, models: Path, *extra: str) -> dict:
+    return main(
+        [
+            "--data_dir",
+            str(data),
+            "--models_dir",
+            str(models),
+            "--num_epochs",
+            "2",
+            "--batch_size",
+            "4",
+            "--reg_lambda",
+            "0.5",
+            *extra,
+        ]
+    )
+
+
+def _error(capsys, data: Path, models: Path, *extra: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        _tiny_run(data, models, *extra)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    return err
+
+
+def test_resume_with_different_arguments_lists_the_differences(tiny_data, tmp_path, capsys):
+    _tiny_run(tiny_data, tmp_path / "m")
+    err = _error(capsys, tiny_data, tmp_path / "m", "--resume", "--seed", "5", "--init_lr", "0.1")
+    assert err == (
+        "error: --resume with arguments that differ from the run in "
+        f"{tmp_path / 'm'}: --init_lr 0.001 -> 0.1; --seed 0 -> 5"
+    )
+
+
+def test_fresh_run_into_a_used_folder_is_refused_and_overwrite_replaces_it(tiny_data, tmp_path, capsys):
+    models = tmp_path / "m"
+    _tiny_run(tiny_data, models)
+    (models / "Task_9").mkdir()  # an artefact that only the earlier run had
+    before = (models / "shared_model.pth").read_bytes()
+    err = _error(capsys, tiny_data, models)
+    assert "holds a previous run" in err and "--resume" in err and "--overwrite" in err
+    assert (models / "shared_model.pth").read_bytes() == before
+    _tiny_run(tiny_data, models, "--overwrite", "--seed", "3")
+    assert not (models / "Task_9").exists()
+    assert (models / "shared_model.pth").read_bytes() != before
+
+
+def test_resume_of_a_finished_run_only_prints_the_table(tiny_data, tmp_path, capsys):
+    first = _tiny_run(tiny_data, tmp_path / "m")
+    capsys.readouterr()
+    again = _tiny_run(tiny_data, tmp_path / "m", "--resume")
+    assert "finished in the interrupted run, kept" in capsys.readouterr().out
+    assert again["forgetting"] == first["forgetting"]
+
+
+def test_nothing_to_resume(tiny_data, tmp_path, capsys):
+    err = _error(capsys, tiny_data, tmp_path / "empty", "--resume")
+    assert "nothing to resume" in err
+
+
+def test_disk_full_while_saving_task_2_keeps_task_1_and_resume_finishes(tiny_data, tmp_path, capsys, monkeypatch):
+    models = tmp_path / "m"
+    reference = _tiny_run(tiny_data, tmp_path / "ref")
+    real_save = torch.save
+    shared_saves = []
+
+    def save_then_fill_disk(obj, handle, *args, **kwargs):
+        if isinstance(obj, dict) and "net.1.weight" in obj:  # a shared_model.pth, not a checkpoint
+            shared_saves.append(1)
+            if len(shared_saves) == 2:  # task 2's: the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(io_utils.torch, "save", save_then_fill_disk)
+    err = _error(capsys, tiny_data, models)
+    assert err == (
+        f"error: could not write {models / 'shared_model.pth'}: No space left on device; "
+        "the previous version of the file is intact"
+    )
+    task_1 = torch.load(models / "shared_model.pth", weights_only=True)  # task 1's, complete
+    assert set(task_1) == {"net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"}
+    assert not list(models.rglob(".*.tmp"))
+    monkeypatch.setattr(io_utils.torch, "save", real_save)
+    resumed = _tiny_run(tiny_data, models, "--resume")
+    assert resumed["forgetting"] == reference["forgetting"]
+
+
+def test_a_real_full_disk_on_a_small_tmpfs(tiny_data, tmp_path, capsys):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        err = _error(capsys, tiny_data, mount / "m")
+        assert "No space left on device; the previous version of the file is intact" in err
+        assert not list((mount / "m").rglob(".*.tmp"))
+        for pth in (mount / "m").rglob("*.pth"):
+            torch.load(pth, weights_only=True)  # whatever was written is complete
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, capsys, monkeypatch):
+    import model_train
+
+    calls = {"n": 0}
+
+    class NanAfterOneEpoch(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, labels):
+            calls["n"] += 1  # task 1 has 3 batches per epoch: the 4th call is epoch 2
+            loss = super().forward(logits, labels)
+            return loss * float("nan") if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(model_train.nn, "CrossEntropyLoss", NanAfterOneEpoch)
+    err = _error(capsys, tiny_data, tmp_path / "m")
+    assert (
+        err
+        == "error: Task_1: the training loss became nan at Task_1 epoch 2/2; try a lower --init_lr (or --reg_lambda)"
+    )
+    checkpoint = load_checkpoint(tmp_path / "m")
+    assert (checkpoint["task"], checkpoint["epoch"]) == (1, 0)
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+
+
+def test_models_dir_that_is_a_file_or_unwritable(tiny_data, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    err = _error(capsys, tiny_data, tmp_path / "file")
+    assert err == f"error: --models_dir {tmp_path / 'file'} exists and is not a folder"
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr("main.tempfile.TemporaryFile", refuse)
+    err = _error(capsys, tiny_data, tmp_path / "locked")
+    assert err == f"error: cannot use --models_dir {tmp_path / 'locked'}: Permission denied"
+
+
+def test_truncated_image_names_the_file_and_leaves_no_artefacts(tmp_path, capsys):
+    data = write_dataset(tmp_path / "Data")
+    image = data / "Task_1" / "train" / "c1_1" / "3.png"
+    image.write_bytes(image.read_bytes()[:40])
+    err = _error(capsys, data, tmp_path / "m")
+    assert err.startswith(f"error: corrupt or unreadable image {image}")
+    assert not any((tmp_path / "m").iterdir())
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (
+            lambda d: [p.unlink() for p in (d / "Task_2" / "train" / "c2_0").iterdir()],
+            "Task_2: class folder {d}/Task_2/train/c2_0 holds no images",
+        ),
+        (
+            lambda d: [p.unlink() for p in (d / "Task_1" / "test").rglob("*.png")],
+            "Task_1: class folder {d}/Task_1/test/c1_0 holds no images",
+        ),
+    ],
+)
+def test_empty_class_or_task_folders(tmp_path, capsys, damage, message):
+    data = write_dataset(tmp_path / "Data")
+    damage(data)
+    err = _error(capsys, data, tmp_path / "m")
+    assert err == "error: " + message.format(d=data)
+    assert not (tmp_path / "m").exists()
+
+
+def test_manifest_that_does_not_match_the_folders(tmp_path, capsys):
+    data = write_dataset(tmp_path / "Data")
+    text = (data / "manifest.json").read_text().replace('"c2_1"', '"c2_9"')
+    (data / "manifest.json").write_text(text)
+    err = _error(capsys, data, tmp_path / "m")
+    assert err == "error: Task_2: the folders hold classes ['c2_0', 'c2_1'] but the manifest lists ['c2_0', 'c2_9']"
+
+
+def test_atomic_write_failure_keeps_the_old_file(tmp_path):
+    target = tmp_path / "performance.txt"
+    target.write_text("old\n")
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), io_utils.atomic_open(target, "w") as handle:
+        handle.write("new and half")
+        raise Boom
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["performance.txt"]
+
+
+class _RunsACommand:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_reg_params_pickle_is_refused_without_running_it(tiny_data, tmp_path, capsys):
+    models = tmp_path / "m"
+    _tiny_run(tiny_data, models)
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps({"net.1.weight": {"omega": _RunsACommand(marker)}})
+    (models / "reg_params.pickle").write_bytes(evil)
+    with pytest.raises(io_utils.UserError, match=r"refusing to load .*reg_params.pickle: global posix.system"):
+        load_tensor_pickle(models / "reg_params.pickle")
+    assert not marker.exists()
+    # A run that meets it: make task 2 unfinished, so that --resume loads reg_params.pickle.
+    results = json.loads((models / "results.json").read_text())
+    results.update(tasks=results["tasks"][:1], accuracy_matrix=results["accuracy_matrix"][:1], complete=False)
+    (models / "results.json").write_text(json.dumps(results))
+    shutil.rmtree(models / "Task_2")
+    err = _error(capsys, tiny_data, models, "--resume")
+    assert err.startswith(f"error: refusing to load {models / 'reg_params.pickle'}: global posix.system")
+    assert not marker.exists()
+
+
+def test_malicious_pth_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"weight": _RunsACommand(marker)}, tmp_path / "head.pth")
+    with pytest.raises(io_utils.UserError, match="refusing to load"):
+        io_utils.load_torch(tmp_path / "head.pth")
+    assert not marker.exists()

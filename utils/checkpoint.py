@@ -1,0 +1,114 @@
+"""Per-epoch checkpoints of a MAS run, and what a resumed run may continue from.
+
+After every epoch ``<models_dir>/checkpoint.pth`` holds everything the rest of the task
+depends on: model (trunk + head), optimizer state (momentum buffers, SI's path integral),
+the epoch (hence the learning-rate schedule position), the RNG states of torch, numpy and
+Python, the task's ``reg_params`` as they were at its start (the anchor theta* and Omega of the
+penalty, Eq. 3), the epoch history and the run's arguments. A task's artefacts are final once
+``results.json`` lists it; its checkpoint is then deleted. Everything is written atomically
+and read back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils import UserError
+from utils.io_utils import load_torch, save_torch
+
+CHECKPOINT = "checkpoint.pth"
+# Flags that do not change what a run computes; everything else must match on --resume.
+NOT_RESULT_AFFECTING = frozenset({"resume", "overwrite", "debug", "plot", "models_dir"})
+_IMPORTANCE_KEYS = ("omega", "theta_star")  # re-attached from reg_params, no need to store twice
+
+
+def run_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments that define a run's result, as stored in checkpoints and results.json."""
+    arguments = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RESULT_AFFECTING}
+    arguments["data_dir"] = str(Path(args.data_dir).resolve())  # the same data however it is spelled
+    return arguments
+
+
+def argument_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = sorted(set(stored) | set(current))
+    return [f"--{k} {stored.get(k)!r} -> {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
+
+
+def rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (the global RNG is what we restore)
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(  # noqa: NPY002
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    models_dir: str | Path,
+    task_no: int,
+    epoch: int,
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    reg_params: dict,
+    history: list[dict],
+) -> None:
+    """State after ``epoch`` (0-based) of task ``task_no``."""
+    optimizer_state = optimizer.state_dict()
+    optimizer_state["state"] = {
+        i: {k: v for k, v in s.items() if k not in _IMPORTANCE_KEYS} for i, s in optimizer_state["state"].items()
+    }
+    save_torch(
+        {
+            "format": 1,
+            "task": task_no,
+            "epoch": epoch,
+            "args": run_arguments(args),
+            "model": model.state_dict(),
+            "optimizer": optimizer_state,
+            "reg_params": reg_params,
+            "history": history,
+            "rng": rng_state(),
+        },
+        Path(models_dir) / CHECKPOINT,
+    )
+
+
+def load_checkpoint(models_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(models_dir) / CHECKPOINT
+    if not path.exists():
+        return None
+    checkpoint = load_torch(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != 1:
+        raise UserError(f"{path} is not a checkpoint of this program")
+    return checkpoint
+
+
+def remove_checkpoint(models_dir: str | Path) -> None:
+    (Path(models_dir) / CHECKPOINT).unlink(missing_ok=True)
