@@ -8,6 +8,8 @@ Writes ``<data_dir>/Task_i/{train,test}/<class>/<image>`` plus ``<data_dir>/mani
   classes with ``--seed`` and cuts them into ``--num_tasks`` tasks (4 of 50). Each task
   trains on ``train/<wnid>/images`` and is tested on the labelled ``val`` set; the
   unlabelled ``test`` set is not used. The task folders hard-link the extracted images.
+- ``mnist``: Split-MNIST, downloaded through torchvision (which checks the MD5 of every
+  file), 5 tasks of 2 digits with the official 60000/10000 train/test split, as PNG files.
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 real images, no
   download), stratified 70/30 train/test split, 5 tasks of 2 digits.
 
@@ -480,11 +482,49 @@ def prepare_tiny_imagenet(args: argparse.Namespace, out: Path) -> dict:
     }
 
 
-# --- scikit-learn's digits ---------------------------------------------------------------------
+# --- Digit sequences: Split-MNIST and scikit-learn's digits -------------------------------------
 
 
 def save_png(pixels: np.ndarray, path: Path) -> None:
     Image.fromarray(pixels).save(path)
+
+
+Split = tuple[np.ndarray, np.ndarray, np.ndarray]  # grey uint8 images, their labels, their file numbers
+
+
+def write_digit_pairs(out: Path, splits: dict[str, Split], width: int) -> list[dict]:
+    """The 5 tasks of 2 digits as PNG files named by their number in the source set."""
+    tasks = []
+    for task_no, pair in enumerate(DIGIT_PAIRS, start=1):
+        entry = {"name": f"Task_{task_no}", "classes": [str(d) for d in pair]}
+        for split, (pixels, labels, ids) in splits.items():
+            count = 0
+            for digit in pair:
+                folder = out / entry["name"] / split / str(digit)
+                folder.mkdir(parents=True)
+                for k in np.flatnonzero(labels == digit):
+                    save_png(pixels[k], folder / f"{ids[k]:0{width}d}.png")
+                    count += 1
+            entry[f"num_{split}"] = count
+        tasks.append(entry)
+    return tasks
+
+
+def digit_manifest(dataset: str, source: str, tasks: list[dict], size: int, train: np.ndarray, extra: dict) -> dict:
+    """The manifest of a grey digit sequence for the MLP; mean/std from the uint8 training pixels."""
+    scaled = train.astype(np.float64) / 255.0  # the 0..1 scale of ToTensor
+    return {
+        "dataset": dataset,
+        "source": source,
+        "tasks": tasks,
+        "image_size": size,
+        "channels": 1,
+        "mean": [float(scaled.mean())],
+        "std": [float(scaled.std())],
+        "augment": False,
+        "default_arch": "mlp",
+        "defaults": {"pretrained": False, "num_freeze_layers": 0, "num_workers": 0, **extra},
+    }
 
 
 def prepare_digits(args: argparse.Namespace, out: Path) -> dict:
@@ -498,38 +538,60 @@ def prepare_digits(args: argparse.Namespace, out: Path) -> dict:
     labels = digits.target
     index = np.arange(len(labels))
     train_idx, test_idx = train_test_split(index, test_size=0.3, stratify=labels, random_state=args.seed)
-    tasks = []
-    for task_no, pair in enumerate(DIGIT_PAIRS, start=1):
-        entry = {"name": f"Task_{task_no}", "classes": [str(d) for d in pair]}
-        for split, chosen in (("train", train_idx), ("test", test_idx)):
-            count = 0
-            for digit in pair:
-                folder = out / entry["name"] / split / str(digit)
-                folder.mkdir(parents=True)
-                for i in chosen[labels[chosen] == digit]:
-                    save_png(pixels[i], folder / f"{i:04d}.png")
-                    count += 1
-            entry[f"num_{split}"] = count
-        tasks.append(entry)
-    train_pixels = pixels[train_idx].astype(np.float64) / 255.0
-    return {
-        "dataset": "digits",
-        "source": "sklearn.datasets.load_digits (UCI optical recognition of handwritten digits, 8x8)",
-        "tasks": tasks,
-        "image_size": 8,
-        "channels": 1,
-        "mean": [float(train_pixels.mean())],
-        "std": [float(train_pixels.std())],
-        "augment": False,
-        "default_arch": "mlp",
-        # Binary digit tasks are easy: with the seed's lr 0.001 and 10 epochs fine-tuning forgets
-        # nothing, so these defaults make forgetting (and what MAS prevents) visible.
-        "defaults": {"pretrained": False, "num_freeze_layers": 0, "num_workers": 0, "init_lr": 0.02, "num_epochs": 30},
-    }
+    splits = {name: (pixels[idx], labels[idx], idx) for name, idx in (("train", train_idx), ("test", test_idx))}
+    tasks = write_digit_pairs(out, splits, width=4)
+    source = "sklearn.datasets.load_digits (UCI optical recognition of handwritten digits, 8x8)"
+    # Binary digit tasks are easy: with the seed's lr 0.001 and 10 epochs fine-tuning forgets
+    # nothing, so these defaults make forgetting (and what MAS prevents) visible.
+    defaults = {"init_lr": 0.02, "num_epochs": 30}
+    return digit_manifest("digits", source, tasks, 8, pixels[train_idx], defaults)
+
+
+def _mnist_download_error(err: RuntimeError, raw: Path) -> UserError:
+    from torchvision.datasets import MNIST
+
+    # torchvision's message spans lines: the file, then each mirror tried and its error.
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    what = lines[0].removeprefix("Error downloading ").rstrip(":")
+    return UserError(
+        f"could not download MNIST's {what} from {', '.join(MNIST.mirrors)} ({_errno_reason(lines[-1])}); "
+        f"run again when online, copy the four MNIST .gz files into {raw}, "
+        "or use --dataset digits for the offline demo"
+    )
+
+
+def load_mnist(root: Path, train: bool) -> Split:
+    """The official train or test set through torchvision (downloaded once, MD5-checked)."""
+    from torchvision.datasets import MNIST
+
+    raw = root / "MNIST" / "raw"
+    try:
+        dataset = MNIST(str(root), train=train, download=True)
+    except RuntimeError as err:
+        if str(err).startswith("Error downloading"):
+            raise _mnist_download_error(err, raw) from err
+        raise UserError(f"could not read the MNIST files in {raw} ({err}); delete them to download them again") from err
+    except (AssertionError, KeyError, ValueError) as err:  # torchvision's checks of the IDX headers
+        raise UserError(f"the MNIST files in {raw} are corrupt; delete them to download them again") from err
+    except OSError as err:
+        raise UserError(f"could not write {raw}: {err.strerror or err}") from err
+    pixels, labels = dataset.data.numpy(), dataset.targets.numpy()
+    return pixels, labels, np.arange(len(labels))
+
+
+def prepare_mnist(args: argparse.Namespace, out: Path) -> dict:
+    """Split-MNIST: 5 tasks of 2 digits, official train/test split, 28x28 grey PNG files."""
+    root = Path(args.download_dir)
+    splits = {"train": load_mnist(root, train=True), "test": load_mnist(root, train=False)}
+    tasks = write_digit_pairs(out, splits, width=5)
+    source = "torchvision.datasets.MNIST (official 60000/10000 train/test split)"
+    # main.py's learning rate and epochs (0.001, 10) are kept: not tuned on the real MNIST.
+    return digit_manifest("mnist", source, tasks, 28, splits["train"][0], {})
 
 
 PREPARERS: dict[str, Callable[[argparse.Namespace, Path], dict]] = {
     "tiny-imagenet": prepare_tiny_imagenet,
+    "mnist": prepare_mnist,
     "digits": prepare_digits,
 }
 
@@ -541,8 +603,6 @@ def prepare(args: argparse.Namespace) -> Path:
     if existing_split(data_dir, signature, args.force):
         print(f"{data_dir} already holds this split ({signature}); nothing to do (use --force to rebuild)")
         return data_dir
-    if args.dataset not in PREPARERS:
-        raise UserError(f"--dataset {args.dataset} is not available yet; use --dataset digits")
     with staging_dir(data_dir) as staged:
         manifest = PREPARERS[args.dataset](args, staged)
         manifest = {**manifest, "num_tasks": len(manifest["tasks"]), "prepared_with": signature}
