@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         "without it only the diagonal and the last row (default: %(default)s)",
     )
     p.add_argument(
+        "--plot",
+        action="store_true",
+        help="write the accuracy-matrix heatmap and the before/after bar chart to <models_dir>/plots "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
         "--resume", action="store_true", help="continue the interrupted run in --models_dir (default: %(default)s)"
     )
     p.add_argument(
@@ -319,6 +325,11 @@ def run(args: argparse.Namespace, manifest: dict) -> dict:
         rows = compute_forgetting(args.models_dir, tasks, args, device)
     print(format_table(rows))
     print(f"average accuracy: {_pp(sum(r.now for r in rows) / len(rows))} %")
+    if args.plot:
+        from utils.plot import run_label, write_plots  # matplotlib only when asked for
+
+        for path in write_plots([(run_label(results), results)], Path(args.models_dir) / "plots"):
+            print(f"wrote {path}")
     return {
         **results,
         "forgetting": [vars(r) for r in rows],

@@ -165,6 +165,7 @@ def mas_train(
 ) -> TaskResult:
     """Train task ``task_no`` (1-based), from its start or from ``checkpoint``, checkpointing
     after every epoch, and write its artefacts under ``args.models_dir``."""
+    Path(args.models_dir).mkdir(parents=True, exist_ok=True)
     model, reg_params = _start_task(task_no, task, args, checkpoint)
     model.to(device)
     optimizer = _optimizer(model, reg_params, args, task_no, checkpoint)

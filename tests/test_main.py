@@ -54,6 +54,8 @@ def test_end_to_end_writes_the_output_tree_and_a_table_that_matches_the_files(ti
     assert _files(models) == {
         "reg_params.pickle",
         "shared_model.pth",
+        "results.json",
+        "accuracy_matrix.csv",
         "Task_1/head.pth",
         "Task_1/performance.txt",
         "Task_1/classes.txt",

@@ -80,6 +80,8 @@ def test_sigkill_in_task_2_then_resume_equals_an_uninterrupted_run(slow_data, re
     checkpoint = load_checkpoint(models)
     assert checkpoint["task"] == 2 and 1 <= checkpoint["epoch"] + 1 < 6  # killed in the middle of task 2
     assert (models / "Task_1" / "performance.txt").exists() and not (models / "Task_2").exists()
+    partial = json.loads((models / "results.json").read_text())  # the killed run's results up to task 1
+    assert [t["task"] for t in partial["tasks"]] == [1] and len(partial["accuracy_matrix"]) == 1
     resumed = _main_process(slow_data, models, "--resume")
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
