@@ -160,6 +160,22 @@ def _given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set
     return set(vars(parser.parse_args(argv)))
 
 
+def _check_manifest_defaults(parser: argparse.ArgumentParser, defaults: dict, path: Path) -> None:
+    """The manifest's defaults pass the same checks as the flags they stand for."""
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in defaults.items():
+        action = actions.get(key)
+        if action is None:
+            raise UserError(f"{path}: unknown default {key!r}")
+        try:
+            if action.type is not None:
+                action.type(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as err:
+            raise UserError(f"{path}: default {key}={value!r}: {err}") from None
+        if action.choices is not None and value not in action.choices:
+            raise UserError(f"{path}: default {key}={value!r} is not one of {list(action.choices)}")
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
     """Command-line flags win over the manifest's ``defaults``, which win over the built-in defaults.
 
@@ -170,9 +186,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
     manifest = read_manifest(args.data_dir)
     defaults = dict(manifest.get("defaults", {}))
     defaults.setdefault("arch", manifest.get("default_arch", "alexnet"))
-    unknown = sorted(set(defaults) - set(vars(args)))
-    if unknown:
-        raise UserError(f"{Path(args.data_dir) / 'manifest.json'}: unknown default {unknown[0]!r}")
+    _check_manifest_defaults(parser, defaults, Path(args.data_dir) / "manifest.json")
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     given = _given_flags(build_parser(), argv)

@@ -64,14 +64,14 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         logits = model(inputs)
         loss = criterion(logits, labels)
-        if not math.isfinite(loss.item()):
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
             raise UserError(
-                f"{task.name}: the training loss became {loss.item()} at {desc}; "
-                "try a lower --init_lr (or --reg_lambda)"
+                f"{task.name}: the training loss became {loss_value} at {desc}; try a lower --init_lr (or --reg_lambda)"
             )
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * labels.numel()
+        loss_sum += loss_value * labels.numel()
         correct += (logits.argmax(1) == labels).sum().item()
         seen += labels.numel()
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}")

@@ -90,6 +90,7 @@ class LocalSgd(Optimizer):
         defaults = dict(lr=lr, reg_lambda=reg_lambda, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.fused = fused
+        self._scratch: dict[torch.Tensor, torch.Tensor] = {}  # eager penalty step, not state: never saved
 
     def set_importance(self, param: torch.nn.Parameter, omega: torch.Tensor, theta_star: torch.Tensor) -> None:
         """Penalise ``param`` for moving away from ``theta_star``, weighted by ``omega``."""
@@ -172,12 +173,23 @@ class LocalSgd(Optimizer):
                     raise
                 warnings.warn(f"LocalSgd: torch.compile failed ({type(err).__name__}); using eager ops", stacklevel=3)
                 self.fused = "eager"
-        d_ps = torch._foreach_sub(params, theta_stars)  # theta - theta*
-        torch._foreach_mul_(d_ps, omegas)  # Omega (theta - theta*)
-        d_ps = torch._foreach_add(grads, d_ps, alpha=reg2)  # Eq. 3: g + 2 lambda Omega (theta - theta*)
-        if group["weight_decay"] > 0:
-            torch._foreach_add_(d_ps, params, alpha=group["weight_decay"])
-        self._sgd_update(params, d_ps, group)
+        self._eager_anchored_step(params, grads, omegas, theta_stars, group, reg2)
+
+    def _eager_anchored_step(self, params, grads, omegas, theta_stars, group, reg2) -> None:
+        """Parameter by parameter, into a scratch buffer kept between steps: fresh temporaries of
+        hundreds of MB every step would cost more (page faults) than the arithmetic itself."""
+        bufs = self._momentum_buffers(params) if group["momentum"] > 0 else [None] * len(params)
+        for p, g, omega, theta_star, buf in zip(params, grads, omegas, theta_stars, bufs):
+            d_p = self._scratch.get(p)
+            if d_p is None or d_p.shape != p.shape or d_p.device != p.device:
+                d_p = self._scratch[p] = torch.empty_like(p)
+            torch.sub(p, theta_star, out=d_p)  # theta - theta*
+            torch.addcmul(g, omega, d_p, value=reg2, out=d_p)  # Eq. 3: g + 2 lambda Omega (theta - theta*)
+            if group["weight_decay"] > 0:
+                d_p.add_(p, alpha=group["weight_decay"])
+            if buf is not None:
+                d_p = buf.mul_(group["momentum"]).add_(d_p)
+            p.add_(d_p, alpha=-group["lr"])
 
     def _use_compiled(self, params: list) -> bool:
         if self.fused == "auto":

@@ -165,7 +165,7 @@ def bench_digits() -> list[str]:
         ):
             tic = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                run_main(["--data_dir", str(data), "--models_dir", str(Path(tmp) / "m"), *flags])
+                run_main(["--data_dir", str(data), "--models_dir", str(Path(tmp) / "m"), "--overwrite", *flags])
             lines.append(f"| {' '.join(flags[1::2])} | {time.perf_counter() - tic:.1f} |")
     return lines
 

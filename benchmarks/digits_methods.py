@@ -40,12 +40,13 @@ SEEDS = (0, 1, 2)
 
 
 def run(data: Path, models: Path, flags: list[str], reg_lambda: float, seed: int) -> dict | None:
-    """One main.py run; None if it stopped with an error (for instance a diverging loss)."""
+    """One main.py run; None if its loss diverged. Any other error stops the comparison."""
     argv = [
         "--data_dir",
         str(data),
         "--models_dir",
         str(models),
+        "--overwrite",
         *flags,
         "--reg_lambda",
         str(reg_lambda),
@@ -53,11 +54,14 @@ def run(data: Path, models: Path, flags: list[str], reg_lambda: float, seed: int
         str(seed),
     ]
     tic = time.perf_counter()
+    errors = io.StringIO()
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):
             results = run_main(argv)
     except SystemExit:
-        return None
+        if "the training loss became" in errors.getvalue():
+            return None
+        raise RuntimeError(f"main.py {' '.join(argv)} failed: {errors.getvalue().strip()}") from None
     return {
         "accuracy": results["average_accuracy"],
         "forgetting": results["average_forgetting"],
@@ -66,7 +70,7 @@ def run(data: Path, models: Path, flags: list[str], reg_lambda: float, seed: int
 
 
 def search(data: Path, models: Path, flags: list[str]) -> tuple[float, list[str]]:
-    lines, best = [], (None, -1.0)
+    lines, best = [], (float("nan"), -1.0)
     for reg_lambda in LAMBDAS:
         result = run(data, models, flags, reg_lambda, SEARCH_SEED)
         shown = "diverged" if result is None else f"{result['accuracy']:.2f} % / {result['forgetting']:.2f} pp"

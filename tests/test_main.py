@@ -217,3 +217,12 @@ def test_help_shows_every_default():
     ):
         assert flag in proc.stdout
     assert proc.stdout.count("(default:") >= 15
+
+
+def test_manifest_defaults_are_checked_like_flags(tiny_data, tmp_path, capsys):
+    manifest = json.loads((tiny_data / "manifest.json").read_text())
+    manifest["defaults"]["init_lr"] = -0.5
+    (tiny_data / "manifest.json").write_text(json.dumps(manifest))
+    code, err = _error(["--data_dir", str(tiny_data), "--models_dir", str(tmp_path / "m")], capsys)
+    assert code == 1
+    assert err.strip() == f"error: {tiny_data / 'manifest.json'}: default init_lr=-0.5: must be > 0, got -0.5"
