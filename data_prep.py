@@ -41,7 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils import UserError
-from utils.io_utils import load_json, save_json, save_text
+from utils.io_utils import load_json, save_json, save_text, shared_mode
 
 DATASETS = ("tiny-imagenet", "mnist", "digits")
 DIGIT_PAIRS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
@@ -153,6 +153,7 @@ def staging_dir(data_dir: Path) -> Iterator[Path]:
     """A scratch folder beside ``data_dir`` (same file system, so the final move is a rename)."""
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.building-", dir=data_dir.parent))
+    tmp.chmod(shared_mode(directory=True))  # mkdtemp makes 0700 folders; the data is shared
     try:
         yield tmp
     finally:
@@ -616,9 +617,13 @@ def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     try:
         return prepare(args)
-    except UserError as err:
+    except (UserError, OSError) as err:
         if args.debug:
             raise
+        if isinstance(err, OSError):  # disk full, permissions: the half-built split was removed
+            err = (
+                f"could not write {err.filename or args.data_dir}: {err.strerror or err}; {args.data_dir} is unchanged"
+            )
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
 

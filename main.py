@@ -25,7 +25,7 @@ from mas import METHODS, OMEGA_ESTIMATORS, ForgettingRow, compute_forgetting, ma
 from model_class import ARCHS
 from utils import UserError
 from utils.checkpoint import CHECKPOINT, argument_differences, load_checkpoint, remove_checkpoint, run_arguments
-from utils.data_utils import make_task_data, read_manifest, task_dirs
+from utils.data_utils import data_fingerprint, make_task_data, read_manifest, task_dirs
 from utils.mas_utils import REG_PARAMS
 from utils.model_utils import SHARED_MODEL
 from utils.results import MATRIX_CSV, RESULTS, load_results, new_results, record_task, save_results
@@ -194,6 +194,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
     if args.image_size is None:
         args.image_size = 224 if args.arch == "alexnet" else manifest["image_size"]
     args.channels = 3 if args.arch == "alexnet" else manifest["channels"]
+    args.data_fingerprint = data_fingerprint(manifest)
     return args, manifest
 
 
@@ -263,7 +264,7 @@ def _resume_run(args: argparse.Namespace, manifest: dict, models_dir: Path) -> t
     checkpoint = load_checkpoint(models_dir)
     if results is None and checkpoint is None:
         raise UserError(f"nothing to resume in {models_dir}: it holds neither {RESULTS} nor {CHECKPOINT}")
-    if results is not None and checkpoint is not None and checkpoint["args"] != results["args"]:
+    if results is not None and checkpoint is not None and argument_differences(checkpoint["args"], results["args"]):
         raise UserError(f"{models_dir / CHECKPOINT} belongs to another run than {models_dir / RESULTS}")
     stored = results["args"] if results is not None else checkpoint["args"]
     differences = argument_differences(stored, run_arguments(args))
@@ -337,6 +338,7 @@ def run(args: argparse.Namespace, manifest: dict) -> dict:
         remove_checkpoint(args.models_dir)
     if rows is None:
         rows = compute_forgetting(args.models_dir, tasks, args, device)
+    save_results(results, args.models_dir)  # also mends a CSV that a crash left behind results.json
     print(format_table(rows))
     print(f"average accuracy: {_pp(sum(r.now for r in rows) / len(rows))} %")
     if args.plot:
@@ -353,14 +355,28 @@ def run(args: argparse.Namespace, manifest: dict) -> dict:
 
 
 def _one_line(err: Exception) -> str:
-    """The message of a UserError, also when a DataLoader worker wrapped it in its traceback."""
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return lines[-1].removeprefix(f"{UserError.__module__}.{UserError.__name__}: ") if lines else repr(err)
+    """The message of a UserError; a DataLoader worker wraps it in its traceback, whose last line it is."""
+    text = str(err)
+    if "\n" not in text:
+        return text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if text.startswith("Caught ") and "Traceback" in text:
+        return lines[-1].removeprefix(f"{UserError.__module__}.{UserError.__name__}: ")
+    return " ".join(lines)
 
 
-def _resume_command(argv: list[str]) -> str:
+def _interrupted_message(argv: list[str]) -> str:
+    """What Ctrl-C leaves, and the command that continues from it."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--models_dir", default="models")
+    models_dir = Path(pre.parse_known_args(argv)[0].models_dir)
     kept = [a for a in argv if a not in ("--resume", "--overwrite")]
-    return " ".join(["python3 main.py", *map(shlex.quote, kept), "--resume"])
+    if not ((models_dir / RESULTS).exists() or (models_dir / CHECKPOINT).exists()):
+        return "interrupted before anything was saved; start again with\n  " + " ".join(
+            ["python3 main.py", *map(shlex.quote, argv)]
+        )
+    command = " ".join(["python3 main.py", *map(shlex.quote, kept), "--resume"])
+    return f"interrupted: finished tasks and the last epoch's checkpoint are intact; continue with\n  {command}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -376,11 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: finished tasks and the last epoch's checkpoint are intact; continue with\n"
-            f"  {_resume_command(argv)}",
-            file=sys.stderr,
-        )
+        print("\n" + _interrupted_message(argv), file=sys.stderr)
         raise SystemExit(130) from None
 
 

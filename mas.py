@@ -71,11 +71,12 @@ def task_seed(seed: int, task_no: int) -> int:
     return seed * 10_007 + task_no
 
 
-def _shared_model(task_no: int, args: argparse.Namespace, fresh: bool) -> torch.nn.Module:
-    """Task 1 starts from a new (or ImageNet) trunk, later tasks from the previous task's;
-    ``fresh=False`` builds only the structure, for weights that come from a checkpoint."""
-    if task_no == 1 or not fresh:
-        shared = build_shared_model(args.arch, args.channels, args.image_size, args.pretrained and fresh)
+def _shared_model(task_no: int, args: argparse.Namespace, weights_from_checkpoint: bool) -> torch.nn.Module:
+    """Task 1 starts from a new (or ImageNet) trunk, later tasks from the previous task's; when the
+    weights will come from a checkpoint only the structure is built."""
+    if task_no == 1 or weights_from_checkpoint:
+        pretrained = args.pretrained and not weights_from_checkpoint
+        shared = build_shared_model(args.arch, args.channels, args.image_size, pretrained)
     else:
         shared = load_shared_model(args.models_dir, args.arch, args.channels, args.image_size)
     create_freeze_layers(shared, args.num_freeze_layers)
@@ -119,7 +120,7 @@ def _start_task(task_no: int, task: TaskData, args: argparse.Namespace, checkpoi
     """Model and reg_params at the start of the task, or where the checkpoint left them."""
     if checkpoint is None:
         seed_everything(task_seed(args.seed, task_no))
-    shared = _shared_model(task_no, args, fresh=checkpoint is None)
+    shared = _shared_model(task_no, args, weights_from_checkpoint=checkpoint is not None)
     model = TaskModel(shared, build_head(shared, len(task.classes)))
     if checkpoint is not None:
         check_tensors(checkpoint["model"], model.state_dict(), "the checkpoint's model")

@@ -67,7 +67,8 @@ def train_one_epoch(
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise UserError(
-                f"{task.name}: the training loss became {loss_value} at {desc}; try a lower --init_lr (or --reg_lambda)"
+                f"{task.name}: the training loss became {loss_value} at {desc}; the last epoch's checkpoint is "
+                "kept; start again with a lower --init_lr (or --reg_lambda) and --overwrite"
             )
         loss.backward()
         optimizer.step()

@@ -74,3 +74,30 @@ def test_rerun_is_a_no_op_and_other_arguments_are_refused(tmp_path, capsys):
     data_prep(["--dataset", "digits", "--data_dir", str(out), "--seed", "1", "--force"])
     assert json.loads((out / "manifest.json").read_text())["prepared_with"]["seed"] == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch folders left
+
+
+def test_a_write_error_is_one_line_and_leaves_no_data(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    import data_prep
+
+    def full_disk(pixels, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(data_prep, "save_png", full_disk)
+    out = tmp_path / "Data"
+    with pytest.raises(SystemExit) as exc:
+        data_prep.main(["--dataset", "digits", "--data_dir", str(out)])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: could not write ") and err.endswith(f": No space left on device; {out} is unchanged")
+    assert len(err.splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_the_split_gets_the_usual_folder_mode(digits_dir):
+    from utils.io_utils import shared_mode
+
+    assert digits_dir.stat().st_mode & 0o777 == shared_mode(directory=True)
+    assert (digits_dir / "manifest.json").stat().st_mode & 0o777 == shared_mode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -227,9 +228,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
 
     monkeypatch.setattr(model_train.nn, "CrossEntropyLoss", NanAfterOneEpoch)
     err = _error(capsys, tiny_data, tmp_path / "m")
-    assert (
-        err
-        == "error: Task_1: the training loss became nan at Task_1 epoch 2/2; try a lower --init_lr (or --reg_lambda)"
+    assert err == (
+        "error: Task_1: the training loss became nan at Task_1 epoch 2/2; the last epoch's checkpoint is kept; "
+        "start again with a lower --init_lr (or --reg_lambda) and --overwrite"
     )
     checkpoint = load_checkpoint(tmp_path / "m")
     assert (checkpoint["task"], checkpoint["epoch"]) == (1, 0)
@@ -334,3 +335,178 @@ def test_malicious_pth_is_refused(tmp_path):
     with pytest.raises(io_utils.UserError, match="refusing to load"):
         io_utils.load_torch(tmp_path / "head.pth")
     assert not marker.exists()
+
+
+def test_resume_with_workers_and_augmentation_is_exact(tmp_path, capsys, monkeypatch):
+    """Interrupted after an epoch of task 2, resumed: identical to an uninterrupted run, with
+    random crops and flips drawn in two DataLoader worker processes."""
+    import utils.checkpoint as checkpoint_module
+
+    data = write_dataset(tmp_path / "Data", n_train=10, size=12, defaults={"pretrained": False, "num_freeze_layers": 0})
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "augment": True}))
+    flags = ["--num_epochs", "3", "--num_workers", "2", "--image_size", "10"]
+    reference = _tiny_run(data, tmp_path / "ref", *flags)
+    real_save = checkpoint_module.save_checkpoint
+
+    def save_then_stop(models_dir, task_no, epoch, *args):
+        real_save(models_dir, task_no, epoch, *args)
+        if (task_no, epoch) == (2, 0):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("mas.save_checkpoint", save_then_stop)
+    with pytest.raises(SystemExit) as exc:
+        _tiny_run(data, tmp_path / "m", *flags)
+    assert exc.value.code == 130
+    monkeypatch.setattr("mas.save_checkpoint", real_save)
+    resumed = _tiny_run(data, tmp_path / "m", *flags, "--resume")
+    assert "resuming after epoch 1" in capsys.readouterr().out
+    assert resumed["forgetting"] == reference["forgetting"]
+    _assert_same_artefacts_2(tmp_path / "m", tmp_path / "ref")
+
+
+def _assert_same_artefacts_2(models: Path, reference: Path) -> None:
+    ours, ref = (load_tensor_pickle(m / "reg_params.pickle") for m in (models, reference))
+    for name in ref:
+        assert torch.equal(ours[name]["omega"], ref[name]["omega"]), name
+
+
+def test_ctrl_c_before_anything_was_saved_says_to_start_again(tiny_data, tmp_path, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mas.train_model", interrupt)
+    with pytest.raises(SystemExit) as exc:
+        _tiny_run(tiny_data, tmp_path / "m")
+    assert exc.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted before anything was saved; start again with" in err
+    assert "--resume" not in err
+
+
+def test_resume_refuses_a_rebuilt_data_split(tiny_data, tmp_path, capsys):
+    _tiny_run(tiny_data, tmp_path / "m")
+    manifest = json.loads((tiny_data / "manifest.json").read_text())
+    manifest["prepared_with"] = {"dataset": "synthetic", "seed": 1}
+    (tiny_data / "manifest.json").write_text(json.dumps(manifest))
+    err = _error(capsys, tiny_data, tmp_path / "m", "--resume")
+    assert err.startswith(
+        f"error: --resume with arguments that differ from the run in {tmp_path / 'm'}: --data_fingerprint "
+    )
+
+
+def test_resume_ignores_flags_that_do_not_change_the_result(tiny_data, tmp_path, tmp_path_factory):
+    first = _tiny_run(tiny_data, tmp_path / "m")
+    moved = tmp_path_factory.mktemp("elsewhere") / "Data"
+    shutil.copytree(tiny_data, moved)
+    again = _tiny_run(moved, tmp_path / "m", "--resume", "--si_xi", "5")
+    assert again["forgetting"] == first["forgetting"]
+
+
+def test_artefacts_get_the_usual_file_mode_not_mkstemps_0600(tiny_data, tmp_path):
+    _tiny_run(tiny_data, tmp_path / "m")
+    expected = io_utils.shared_mode()  # 0o644 under the usual umask 022
+    for name in ("results.json", "shared_model.pth", "reg_params.pickle", "Task_1/performance.txt"):
+        assert (tmp_path / "m" / name).stat().st_mode & 0o777 == expected, name
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (
+            lambda m: torch.save({"weight": torch.zeros(2, 256)}, m / "Task_1" / "head.pth"),
+            "{m}/Task_1/head.pth has no entry for parameter 'bias' (1 missing)",
+        ),
+        (
+            lambda m: torch.save(
+                {**torch.load(m / "shared_model.pth"), "net.9.weight": torch.zeros(1)}, m / "shared_model.pth"
+            ),
+            "{m}/shared_model.pth has an unknown parameter 'net.9.weight' (1 not in the model)",
+        ),
+        (
+            lambda m: torch.save(
+                {**torch.load(m / "shared_model.pth"), "net.3.bias": torch.zeros(3)}, m / "shared_model.pth"
+            ),
+            "{m}/shared_model.pth: parameter 'net.3.bias' has shape (3,), the model expects (256,)",
+        ),
+    ],
+)
+def test_loaded_tensors_are_checked_against_the_model(tiny_data, tmp_path, capsys, damage, message):
+    models = tmp_path / "m"
+    _tiny_run(tiny_data, models)
+    damage(models)
+    err = _error(capsys, tiny_data, models, "--resume")
+    assert err == "error: " + message.format(m=models)
+
+
+def test_a_checkpoint_for_another_model_names_the_parameter(tiny_data, tmp_path, capsys, monkeypatch):
+    import utils.checkpoint as checkpoint_module
+
+    real_save = checkpoint_module.save_checkpoint
+
+    def save_then_stop(models_dir, task_no, epoch, *args):
+        real_save(models_dir, task_no, epoch, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mas.save_checkpoint", save_then_stop)
+    with pytest.raises(SystemExit):
+        _tiny_run(tiny_data, tmp_path / "m")
+    capsys.readouterr()
+    checkpoint = torch.load(tmp_path / "m" / "checkpoint.pth", weights_only=True)
+    checkpoint["model"]["head.weight"] = torch.zeros(5, 256)
+    torch.save(checkpoint, tmp_path / "m" / "checkpoint.pth")
+    monkeypatch.setattr("mas.save_checkpoint", real_save)
+    err = _error(capsys, tiny_data, tmp_path / "m", "--resume")
+    assert (
+        err == "error: the checkpoint's model: parameter 'head.weight' has shape (5, 256), the model expects (2, 256)"
+    )
+
+
+def test_malicious_head_through_the_command_line(tiny_data, tmp_path, capsys):
+    models = tmp_path / "m"
+    _tiny_run(tiny_data, models)
+    marker = tmp_path / "pwned"
+    torch.save({"weight": _RunsACommand(marker)}, models / "Task_2" / "head.pth")
+    err = _error(capsys, tiny_data, models, "--resume")
+    assert err == f"error: refusing to load {models / 'Task_2' / 'head.pth'}: global posix.system is not allowed"
+    assert not marker.exists()
+
+
+def test_a_pickle_of_allowed_globals_with_wrong_arguments(tmp_path):
+    # torch._utils._rebuild_tensor_v2("x", ...): only allowed names, but not a tensor.
+    payload = b"\x80\x04\x8c\x0ctorch._utils\x8c\x12_rebuild_tensor_v2\x93\x8c\x01x\x85R."
+    (tmp_path / "reg_params.pickle").write_bytes(payload)
+    with pytest.raises(io_utils.UserError, match="could not read .*reg_params.pickle: it is truncated or corrupt"):
+        load_tensor_pickle(tmp_path / "reg_params.pickle")
+
+
+def test_task_folder_without_class_folders(tmp_path, capsys):
+    data = write_dataset(tmp_path / "Data")
+    for folder in (data / "Task_2" / "test").iterdir():
+        shutil.rmtree(folder)
+    err = _error(capsys, data, tmp_path / "m")
+    assert err == f"error: Task_2: {data / 'Task_2' / 'test'} holds no class folders"
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_stiff_penalty_is_announced(tiny_data, tmp_path, capsys):
+    _tiny_run(tiny_data, tmp_path / "ok")
+    assert "warning" not in capsys.readouterr().out
+    with contextlib.suppress(SystemExit):  # such a run may well diverge
+        main(
+            [
+                "--data_dir",
+                str(tiny_data),
+                "--models_dir",
+                str(tmp_path / "m"),
+                "--num_epochs",
+                "2",
+                "--batch_size",
+                "4",
+                "--reg_lambda",
+                "100000",
+            ]
+        )
+    out = capsys.readouterr().out
+    assert "warning: init_lr * 2 * reg_lambda * max(Omega) = " in out
+    assert "exceeds 3.8, the stability limit of SGD on the penalty" in out

@@ -23,20 +23,30 @@ from utils import UserError
 from utils.io_utils import load_torch, save_torch
 
 CHECKPOINT = "checkpoint.pth"
-# Flags that do not change what a run computes; everything else must match on --resume.
-NOT_RESULT_AFFECTING = frozenset({"resume", "overwrite", "debug", "plot", "models_dir"})
+NOT_RECORDED = frozenset({"resume", "overwrite", "debug"})
+# Recorded, but free to change on --resume: they do not change what the run computes (the data
+# is compared through its fingerprint, not its path). --num_workers does: random augmentations
+# are drawn in the workers, and which worker serves which batch depends on their number.
+FREE_ON_RESUME = frozenset({"plot", "models_dir", "data_dir"})
 _IMPORTANCE_KEYS = ("omega", "theta_star")  # re-attached from reg_params, no need to store twice
 
 
 def run_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """The arguments that define a run's result, as stored in checkpoints and results.json."""
-    arguments = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RESULT_AFFECTING}
-    arguments["data_dir"] = str(Path(args.data_dir).resolve())  # the same data however it is spelled
+    """The run's arguments as stored in checkpoints and results.json; flags that the chosen
+    method does not read are left out, so that they cannot block a resume."""
+    arguments = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RECORDED}
+    arguments["data_dir"] = str(Path(args.data_dir).resolve())
+    arguments["models_dir"] = str(Path(args.models_dir).resolve())
+    if args.method != "mas":
+        arguments.pop("omega_estimator", None)
+    if args.method != "si":
+        arguments.pop("si_xi", None)
     return arguments
 
 
 def argument_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = sorted(set(stored) | set(current))
+    """``--flag old -> new`` for every argument that changes the result."""
+    keys = sorted((set(stored) | set(current)) - FREE_ON_RESUME)
     return [f"--{k} {stored.get(k)!r} -> {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
 
 
@@ -92,7 +102,8 @@ def save_checkpoint(
             "args": run_arguments(args),
             "model": model.state_dict(),
             "optimizer": optimizer_state,
-            "reg_params": reg_params,
+            # At a task's start prev_omega == omega (see utils/mas_utils.py): store it once.
+            "reg_params": {n: {"omega": e["omega"], "init_val": e["init_val"]} for n, e in reg_params.items()},
             "history": history,
             "rng": rng_state(),
         },
@@ -107,6 +118,11 @@ def load_checkpoint(models_dir: str | Path) -> dict[str, Any] | None:
     checkpoint = load_torch(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != 1:
         raise UserError(f"{path} is not a checkpoint of this program")
+    try:
+        for entry in checkpoint["reg_params"].values():
+            entry["prev_omega"] = entry["omega"].clone()
+    except (KeyError, AttributeError, TypeError) as err:
+        raise UserError(f"{path} is not a checkpoint of this program") from err
     return checkpoint
 
 

@@ -13,6 +13,8 @@ and scored on the second.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,13 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
         if key not in manifest:
             raise UserError(f"{path} has no {key!r} entry; rebuild the data with data_prep.py")
     return manifest
+
+
+def data_fingerprint(manifest: dict[str, Any]) -> str:
+    """What identifies the data of a run, whatever its path: a resumed run must see the same split."""
+    keys = ("dataset", "prepared_with", "tasks", "image_size", "channels", "mean", "std", "augment")
+    text = json.dumps({k: manifest.get(k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def task_dirs(data_dir: str | Path, manifest: dict[str, Any]) -> list[Path]:

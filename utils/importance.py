@@ -54,7 +54,7 @@ from utils.mas_utils import trainable_parameters
 Importance = dict[str, torch.Tensor]
 BatchLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh)
-CHUNK_ELEMENTS = 2**24  # per-sample gradients formed at once by the torch.func fallback: 64 MB
+CHUNK_ELEMENTS = 2**24  # unfolded inputs, or torch.func per-sample gradients, formed at once: 64 MB
 
 
 def _squared_output_norm(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -169,16 +169,28 @@ def _accumulate_layer(
         return
     g = g.flatten(2)  # (B, Cout, L)
     if "weight" in totals:
-        unfolded = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # (B, CinKK, L)
-        unfolded = unfolded.transpose(1, 2).contiguous()
-        weight = totals["weight"].view(g.shape[1], -1)
-        per_sample = torch.empty_like(weight)
-        # One sample at a time keeps the (Cout, CinKK) product in cache: a batch of them is memory-bound.
-        for k in range(g.shape[0]):
-            torch.mm(g[k], unfolded[k], out=per_sample)  # the weight gradient of sample k
-            weight += per_sample.abs_() if power == 1 else per_sample.square_()
+        _accumulate_conv_weight(module, x, g, power, totals["weight"].view(g.shape[1], -1))
     if "bias" in totals:
         totals["bias"] += _power_sum(g.sum(2), power)
+
+
+def _accumulate_conv_weight(
+    module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, power: int, weight: torch.Tensor
+) -> None:
+    """weight += sum_k |g_k u_k^T|^power, u_k the unfolded input of sample k, unfolded a chunk at a time."""
+    per_sample = torch.empty_like(weight)
+    kernel_elements = weight.shape[1] * g.shape[2]  # CinKK * L: one sample's unfolded input
+    chunk = max(1, CHUNK_ELEMENTS // kernel_elements)
+    for start in range(0, g.shape[0], chunk):
+        unfolded = (
+            F.unfold(x[start : start + chunk], module.kernel_size, module.dilation, module.padding, module.stride)
+            .transpose(1, 2)
+            .contiguous()
+        )  # (chunk, L, CinKK)
+        # One sample at a time keeps the (Cout, CinKK) product in cache: a batch of them is memory-bound.
+        for k, u in enumerate(unfolded, start=start):
+            torch.mm(g[k], u, out=per_sample)  # the weight gradient of sample k
+            weight += per_sample.abs_() if power == 1 else per_sample.square_()
 
 
 def _fallback_sums(model, others: dict[str, nn.Parameter], inputs, labels, batch_loss: BatchLoss, power: int):
@@ -232,27 +244,45 @@ def _accumulate_batch(
                 totals[n] += total
 
 
-def _per_sample_mean(
-    model: nn.Module, loader: DataLoader, device: torch.device, batch_loss: BatchLoss, power: int, desc: str
+def _hooked_mean(
+    model: nn.Module, loader: DataLoader, device: torch.device, desc: str, no_grad: bool, accumulate: Callable
 ) -> Importance:
-    """(1/N) sum_k |d loss_k / d theta|^power for every trainable parameter of ``model.shared``."""
+    """The scaffolding of the hook-based estimators: eval mode, forward hooks on the layers with
+    trainable parameters, no in-place activations, running totals divided by the number of samples.
+    ``accumulate(inputs, labels, layers, taps, totals)`` adds one batch's sums to ``totals``."""
     params = trainable_parameters(model.shared)
     layers = _layers(model.shared)
-    covered = {_qualified(m, k) for m, layer in layers.items() for k, _ in layer.named_parameters(recurse=False)}
-    others = {n: p for n, p in params.items() if n not in covered}
     totals = {n: torch.zeros_like(p) for n, p in params.items()}
     seen = 0
     model.eval()
     taps = _Taps(layers)
     try:
-        with _no_inplace(model):
+        with _no_inplace(model), torch.no_grad() if no_grad else contextlib.nullcontext():
             for inputs, labels in tqdm(loader, desc=desc, leave=False, disable=None):
-                inputs, labels = inputs.to(device), labels.to(device)
-                _accumulate_batch(model, layers, taps, others, inputs, labels, batch_loss, power, totals)
+                accumulate(inputs.to(device), labels.to(device), layers, taps, totals)
                 seen += inputs.shape[0]
     finally:
         taps.remove()
     return {n: (t / max(seen, 1)).cpu() for n, t in totals.items()}
+
+
+def _uncovered(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters outside the hookable layers (served by the torch.func fallback)."""
+    layers = _layers(model.shared)
+    covered = {_qualified(m, k) for m, layer in layers.items() for k, _ in layer.named_parameters(recurse=False)}
+    return {n: p for n, p in trainable_parameters(model.shared).items() if n not in covered}
+
+
+def _per_sample_mean(
+    model: nn.Module, loader: DataLoader, device: torch.device, batch_loss: BatchLoss, power: int, desc: str
+) -> Importance:
+    """(1/N) sum_k |d loss_k / d theta|^power for every trainable parameter of ``model.shared``."""
+    others = _uncovered(model)
+
+    def accumulate(inputs, labels, layers, taps, totals):
+        _accumulate_batch(model, layers, taps, others, inputs, labels, batch_loss, power, totals)
+
+    return _hooked_mean(model, loader, device, desc, no_grad=False, accumulate=accumulate)
 
 
 # --------------------------------------------------------------------------- local (Hebbian) MAS
@@ -293,41 +323,34 @@ def local_mas_importance(model: nn.Module, loader: DataLoader, device: torch.dev
     square). Biases see x_j = 1. Convolutions sum the product over the positions a weight is used at,
     per sample, before the absolute value. Only a forward pass is needed.
     """
-    params = trainable_parameters(model.shared)
-    layers = _layers(model.shared)
-    covered = {_qualified(m, k) for m, layer in layers.items() for k, _ in layer.named_parameters(recurse=False)}
-    if set(params) - covered:
-        raise ValueError(f"local MAS needs Linear/Conv2d layers; {sorted(set(params) - covered)[0]} is in neither")
+    others = _uncovered(model)
+    if others:
+        raise ValueError(f"local MAS needs Linear/Conv2d layers; {sorted(others)[0]} is in neither")
     activations = _activations_after(model.shared)
-    totals = {n: torch.zeros_like(p) for n, p in params.items()}
-    seen = 0
-    model.eval()
-    taps = _Taps(layers)
-    try:
-        with _no_inplace(model), torch.no_grad():
-            for inputs, _ in tqdm(loader, desc="importance (local)", leave=False, disable=None):
-                taps.clear()
-                model(inputs.to(device))
-                for name, layer in layers.items():
-                    g = _local_output_grad(taps.outputs[name], activations.get(name))
-                    _accumulate_layer(layer, taps.inputs[name], g, 1, _layer_totals(name, layer, totals))
-                seen += inputs.shape[0]
-    finally:
-        taps.remove()
-    return {n: (t / max(seen, 1)).cpu() for n, t in totals.items()}
+
+    def accumulate(inputs, labels, layers, taps, totals):
+        taps.clear()
+        model(inputs)
+        for name, layer in layers.items():
+            g = _local_output_grad(taps.outputs[name], activations.get(name))
+            _accumulate_layer(layer, taps.inputs[name], g, 1, _layer_totals(name, layer, totals))
+
+    return _hooked_mean(model, loader, device, "importance (local)", no_grad=True, accumulate=accumulate)
 
 
 # --------------------------------------------------------------------------- synaptic intelligence
 
 
 def si_importance(optimizer, shared: nn.Module, theta_start: dict[str, torch.Tensor], xi: float) -> Importance:
-    """SI (Zenke et al. 2017, Eq. 5): Omega = omega / ((theta_end - theta_start)^2 + xi), with omega the
-    path integral -sum_steps g * delta_theta that ``LocalSgd`` accumulated over the task."""
+    """SI (Zenke et al. 2017, Eq. 5): Omega = max(omega, 0) / ((theta_end - theta_start)^2 + xi), with
+    omega the path integral -sum_steps g * delta_theta that ``LocalSgd`` accumulated over the task."""
     importance = {}
     for name, p in trainable_parameters(shared).items():
         path = optimizer.state[p].get("path_integral")
         if path is None:
             raise ValueError(f"no path integral for {name}: call LocalSgd.start_path_integral before training")
         drift = p.detach().cpu() - theta_start[name]
-        importance[name] = path.detach().cpu() / (drift.square() + xi)
+        # A negative path integral (moves that raised the loss on balance) would make the quadratic
+        # penalty push the parameter away from theta* without bound: such entries get no importance.
+        importance[name] = path.detach().cpu().clamp(min=0) / (drift.square() + xi)
     return importance

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import pickle
+import re
 import signal
 import tempfile
 import threading
@@ -27,6 +28,20 @@ from typing import IO, Any
 import torch
 
 from utils import UserError
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def shared_mode(directory: bool = False) -> int:
+    """The mode a new file (or folder) gets from open()/mkdir() under the user's umask."""
+    return (0o777 if directory else 0o666) & ~_UMASK
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -72,6 +87,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
                 yield handle
                 handle.flush()
                 os.fsync(handle.fileno())
+            os.chmod(tmp, shared_mode())  # mkstemp makes 0600 files; artefacts are shared
             os.replace(tmp, path)
             tmp = None
             _fsync_dir(path.parent)
@@ -126,6 +142,17 @@ def save_json(obj: Any, path: str | os.PathLike) -> None:
     save_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
 
 
+def _weights_only_reason(err: Exception) -> str:
+    """One line out of torch's multi-line weights_only refusal: the global it met, if it says."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return f"global {found.group(1)} is not allowed" if found else "it holds more than tensors and plain containers"
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def load_torch(path: str | os.PathLike) -> Any:
     """``torch.load`` restricted to tensors and plain containers, onto the CPU."""
     path = Path(path)
@@ -134,9 +161,9 @@ def load_torch(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise UserError(f"refusing to load {path}: it holds more than tensors ({err})") from err
+        raise UserError(f"refusing to load {path}: {_weights_only_reason(err)}") from err
     except (RuntimeError, EOFError, OSError) as err:
-        raise UserError(f"could not read {path}: it is truncated or not a PyTorch file ({err})") from err
+        raise UserError(f"could not read {path}: it is truncated or not a PyTorch file ({_first_line(err)})") from err
 
 
 def load_json(path: str | os.PathLike) -> Any:
@@ -179,6 +206,7 @@ def load_tensor_pickle(path: str | os.PathLike) -> Any:
     except FileNotFoundError as err:
         raise UserError(f"missing file {path}") from err
     except pickle.UnpicklingError as err:
-        raise UserError(f"refusing to load {path}: {err}; it may only hold dicts and tensors") from err
-    except (EOFError, ValueError, RuntimeError, OSError) as err:
-        raise UserError(f"could not read {path}: it is truncated or corrupt ({err})") from err
+        reason = _weights_only_reason(err) if "GLOBAL" in str(err) else _first_line(err)
+        raise UserError(f"refusing to load {path}: {reason}; it may only hold dicts and tensors") from err
+    except Exception as err:  # untrusted bytes: allowed globals with wrong arguments fail in many ways
+        raise UserError(f"could not read {path}: it is truncated or corrupt ({_first_line(err)})") from err

@@ -101,12 +101,10 @@ def consolidate_reg_params(reg_params: RegParams, omega_new: dict[str, torch.Ten
     }
 
 
-def attach_importance(optimizer, shared: nn.Module, reg_params: RegParams) -> int:
-    """Hand omega and theta* (init_val) of every trainable parameter to a ``LocalSgd``.
-    Returns how many parameters are penalised."""
+def attach_importance(optimizer, shared: nn.Module, reg_params: RegParams) -> None:
+    """Hand omega and theta* (init_val) of every trainable parameter to a ``LocalSgd``."""
     for name, param in trainable_parameters(shared).items():
         optimizer.set_importance(param, reg_params[name]["omega"], reg_params[name]["init_val"])
-    return len(reg_params)
 
 
 def penalty_stiffness(reg_params: RegParams, lr: float, reg_lambda: float) -> float:
