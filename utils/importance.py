@@ -297,7 +297,7 @@ def _activations_after(shared: nn.Module) -> dict[str, nn.Module]:
         children = list(parent.named_children())
         for (name, _), (_, following) in zip(children, children[1:]):
             if isinstance(following, ACTIVATIONS):
-                found[f"{parent_name}.{name}" if parent_name else name] = following
+                found[_qualified(parent_name, name)] = following
     return found
 
 
