@@ -336,9 +336,9 @@ def run(args: argparse.Namespace, manifest: dict) -> dict:
         record_task(results, entry, [r.now for r in rows] if rows else None)
         save_results(results, args.models_dir)
         remove_checkpoint(args.models_dir)
-    if rows is None:
+    if rows is None:  # every task finished in an earlier run: only score them
         rows = compute_forgetting(args.models_dir, tasks, args, device)
-    save_results(results, args.models_dir)  # also mends a CSV that a crash left behind results.json
+        save_results(results, args.models_dir)  # mends a CSV that a crash left behind results.json
     print(format_table(rows))
     print(f"average accuracy: {_pp(sum(r.now for r in rows) / len(rows))} %")
     if args.plot:
