@@ -23,7 +23,7 @@ import torch
 
 from mas import METHODS, OMEGA_ESTIMATORS, ForgettingRow, compute_forgetting, mas_train
 from model_class import ARCHS
-from utils import UserError
+from utils import Diverged, UserError
 from utils.checkpoint import CHECKPOINT, argument_differences, load_checkpoint, remove_checkpoint, run_arguments
 from utils.data_utils import data_fingerprint, make_task_data, read_manifest, task_dirs
 from utils.mas_utils import REG_PARAMS
@@ -329,7 +329,12 @@ def run(args: argparse.Namespace, manifest: dict) -> dict:
         resumed = f", resuming after epoch {resume['epoch'] + 1}" if resume else ""
         print(f"== {task.name}: {len(task.classes)} classes, {len(task.train.dataset)} training images{resumed} ==")
         tic = time.perf_counter()
-        result = mas_train(task_no, task, args, device, resume)
+        try:
+            result = mas_train(task_no, task, args, device, resume)
+        except Diverged as err:
+            results["diverged"] = {"task": task_no, "message": str(err)}
+            save_results(results, args.models_dir)
+            raise
         evaluate_now = args.eval_every_task or task_no == len(tasks)
         rows = compute_forgetting(args.models_dir, tasks[:task_no], args, device) if evaluate_now else None
         entry = _task_entry(task_no, task, result, time.perf_counter() - tic, resume is not None)

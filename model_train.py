@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim import Optimizer
 from tqdm import tqdm
 
-from utils import UserError
+from utils import Diverged
 from utils.data_utils import TaskData
 from utils.model_utils import evaluate
 
@@ -66,7 +66,7 @@ def train_one_epoch(
         loss = criterion(logits, labels)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise UserError(
+            raise Diverged(
                 f"{task.name}: the training loss became {loss_value} at {desc}; the last epoch's checkpoint is "
                 "kept; start again with a lower --init_lr (or --reg_lambda) and --overwrite"
             )

@@ -235,6 +235,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
     checkpoint = load_checkpoint(tmp_path / "m")
     assert (checkpoint["task"], checkpoint["epoch"]) == (1, 0)
     assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+    diverged = json.loads((tmp_path / "m" / "results.json").read_text())["diverged"]
+    assert diverged == {"task": 1, "message": err.removeprefix("error: ")}
 
 
 def test_models_dir_that_is_a_file_or_unwritable(tiny_data, tmp_path, capsys, monkeypatch):

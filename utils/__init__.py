@@ -7,3 +7,9 @@
 
 class UserError(Exception):
     """A problem with the user's input, files or machine, reported in one line."""
+
+
+class Diverged(UserError):
+    """The training loss became NaN or infinite: the run's hyperparameters, not its input, are at fault.
+
+    ``results.json`` records it (``"diverged"``), so that a sweep reports the run as diverged, not failed."""
