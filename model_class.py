@@ -11,6 +11,9 @@ Two trunks:
   is the 4096-d fc7 activation; the head is ``Linear(4096, n_classes)``.
 - ``mlp``: flatten -> Linear(d, 256) -> ReLU -> Linear(256, 256) -> ReLU, for
   small grey-scale digits; the head is ``Linear(256, n_classes)``.
+
+Freezing (``create_freeze_layers``) and the parameters that train (``trainable_parameters``)
+belong to the trunk too: frozen parameters carry no importance and no penalty.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchvision.models import alexnet
+
+from utils import UserError
+from utils.model_utils import check_tensors, pretrained_alexnet_state
 
 ARCHS = ("alexnet", "mlp")
 MLP_HIDDEN = 256
@@ -81,7 +87,7 @@ class TaskModel(nn.Module):
 
 
 def build_trunk(arch: str, channels: int, image_size: int) -> nn.Module:
-    """A freshly initialised trunk; pretrained weights are loaded by ``utils.model_utils``."""
+    """A freshly initialised trunk (its initialisation draws from torch's global RNG)."""
     if arch == "alexnet":
         return AlexNetTrunk()
     if arch == "mlp":
@@ -92,3 +98,38 @@ def build_trunk(arch: str, channels: int, image_size: int) -> nn.Module:
 def build_head(trunk: nn.Module, n_classes: int) -> nn.Linear:
     """A new classification head for a task with ``n_classes`` classes."""
     return nn.Linear(trunk.out_features, n_classes)
+
+
+def build_shared_model(arch: str, channels: int, image_size: int, pretrained: bool) -> nn.Module:
+    """The trunk for task 1: random, or AlexNet with ImageNet weights (minus the last Linear)."""
+    trunk = build_trunk(arch, channels, image_size)
+    if pretrained:
+        if arch != "alexnet":
+            raise UserError(f"--pretrained needs --arch alexnet (there are no pretrained {arch} weights)")
+        state = {k: v for k, v in pretrained_alexnet_state().items() if not k.startswith("classifier.6.")}
+        check_tensors(state, trunk.state_dict(), "the ImageNet AlexNet weights")
+        trunk.load_state_dict(state)
+    return trunk
+
+
+def create_freeze_layers(shared: nn.Module, num_freeze_layers: int) -> list[str]:
+    """Freeze the first ``num_freeze_layers`` layers of the trunk (AlexNet: convolutions
+    of ``features``; MLP: Linear layers, from the input). Returns the frozen parameter names.
+    Frozen parameters are not trained, carry no importance and no penalty."""
+    layers = shared.freezable_layers()
+    if not 0 <= num_freeze_layers <= len(layers):
+        raise UserError(
+            f"--num_freeze_layers must be between 0 and {len(layers)} "
+            f"(the trunk has {len(layers)} such layers), got {num_freeze_layers}"
+        )
+    frozen = []
+    for layer in layers[:num_freeze_layers]:
+        for name, param in shared.get_submodule(layer).named_parameters():
+            param.requires_grad_(False)
+            frozen.append(f"{layer}.{name}")
+    return frozen
+
+
+def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that train, by name: what importance, theta* and the penalty are keyed by."""
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}

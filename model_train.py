@@ -1,9 +1,9 @@
-"""Training of one task (Memory Aware Synapses, Aljundi et al., ECCV 2018, Eq. 3).
+"""Training and scoring of one task (Memory Aware Synapses, Aljundi et al., ECCV 2018, Eq. 3).
 
-``train_model`` runs the epoch loop on the cross-entropy loss (the MAS penalty of Eq. 3
-is added locally by the optimizer, never here), then the importance pass on the
-task's training data, then the test evaluation. It knows nothing about which method
-runs: the method is the ``importance_fn`` it is given.
+``train_model`` runs the epoch loop on the cross-entropy loss; the MAS penalty of Eq. 3 is
+added locally by the optimizer, never here, so the loop knows nothing about which method
+runs. ``evaluate`` scores a trunk with one task's head. The importance pass and the test
+are called by the task runner (``mas.mas_train``).
 """
 
 from __future__ import annotations
@@ -12,29 +12,19 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils import Diverged
+from utils import Diverged, UserError
 from utils.data_utils import TaskData
-from utils.model_utils import evaluate
 
 LR_DECAY_EPOCHS = 20  # the seed decays the learning rate x0.1 every 20 epochs
-ImportanceFn = Callable[[nn.Module, TaskData], dict[str, torch.Tensor]]
-
-
-@dataclass
-class TaskResult:
-    omega: dict[str, torch.Tensor]
-    test_accuracy: float
-    history: list[dict] = field(default_factory=list)
-    train_seconds: float = 0.0
-    importance_seconds: float = 0.0
+EpochEnd = Callable[[int, list[dict]], None]
 
 
 def seed_everything(seed: int) -> None:
@@ -86,14 +76,12 @@ def train_model(
     num_epochs: int,
     init_lr: float,
     device: torch.device,
-    importance_fn: ImportanceFn,
     start_epoch: int = 0,
     history: list[dict] | None = None,
-    on_epoch_end: Callable[[int, list[dict]], None] | None = None,
-) -> TaskResult:
-    """Epochs ``start_epoch .. num_epochs-1``, then the importance pass, then the test score."""
+    on_epoch_end: EpochEnd | None = None,
+) -> list[dict]:
+    """Epochs ``start_epoch .. num_epochs-1``; returns the history of every epoch of the task."""
     history = list(history or [])
-    started = time.perf_counter()
     for epoch in range(start_epoch, num_epochs):
         tic = time.perf_counter()
         lr = exp_lr_scheduler(optimizer, epoch, init_lr)
@@ -106,9 +94,18 @@ def train_model(
         )
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
-    train_seconds = time.perf_counter() - started
-    tic = time.perf_counter()
-    omega = importance_fn(model, task)
-    importance_seconds = time.perf_counter() - tic
-    test_accuracy = evaluate(model, task.test, device, desc=f"{task.name} test")
-    return TaskResult(omega, test_accuracy, history, train_seconds, importance_seconds)
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "test") -> float:
+    """Top-1 accuracy in percent of ``model`` (a trunk with one task's head) on ``loader``."""
+    model.eval()
+    correct = total = 0
+    for inputs, labels in tqdm(loader, desc=desc, leave=False, disable=None):
+        logits = model(inputs.to(device))
+        correct += (logits.argmax(1).cpu() == labels).sum().item()
+        total += labels.numel()
+    if total == 0:
+        raise UserError(f"no images to evaluate in {getattr(loader.dataset, 'root', 'the test set')}")
+    return 100.0 * correct / total

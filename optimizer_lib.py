@@ -22,6 +22,8 @@ from collections.abc import Iterable
 import torch
 from torch.optim import Optimizer
 
+from importance import running_mean_
+
 FUSED_MODES = ("auto", "compile", "eager")
 # Below this many penalised elements the step is launch-bound, not memory-bound,
 # and compiling costs more than it saves.
@@ -240,8 +242,5 @@ class OmegaUpdate(Optimizer):
                 if not state:
                     state["omega"] = torch.zeros_like(p)
                     state["num_samples"] = 0
-                seen = state["num_samples"]
-                total = seen + batch_size
-                state["omega"].mul_(seen / total).add_(p.grad.abs(), alpha=1.0 / total)
-                state["num_samples"] = total
+                state["num_samples"] = running_mean_(state["omega"], p.grad, state["num_samples"], batch_size)
         return loss

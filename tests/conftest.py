@@ -6,7 +6,6 @@ import functools
 import http.server
 import json
 import socket
-import sys
 import threading
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def write_dataset(
@@ -68,6 +66,25 @@ def write_dataset(
     }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
+
+
+def make_test_config(data: Path, models: Path, **overrides):
+    """A RunConfig for the generated data: main.py's built-in defaults, the manifest's, then ``overrides``."""
+    from config import default_values, make_config, manifest_defaults
+    from utils.data_utils import read_manifest
+
+    manifest = read_manifest(data)
+    values = default_values(data_dir=str(data), models_dir=str(models))
+    values.update(manifest_defaults(manifest, values, data / "manifest.json"))
+    return make_config({**values, **overrides}, manifest)
+
+
+def new_run_state(config):
+    """A fresh run in memory, as main.py starts one."""
+    from main import _new_results
+    from mas import RunState
+
+    return RunState(config, _new_results(config))
 
 
 @pytest.fixture

@@ -8,15 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from model_class import MlpTrunk, TaskModel
-from optimizer_lib import LocalSgd
-from utils.importance import (
+from importance import (
     ewc_fisher,
     local_mas_importance,
     mas_batch_importance,
     mas_per_sample_importance,
     si_importance,
 )
+from model_class import MlpTrunk, TaskModel
+from optimizer_lib import LocalSgd
 
 CPU = torch.device("cpu")
 

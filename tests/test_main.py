@@ -226,3 +226,26 @@ def test_manifest_defaults_are_checked_like_flags(tiny_data, tmp_path, capsys):
     code, err = _error(["--data_dir", str(tiny_data), "--models_dir", str(tmp_path / "m")], capsys)
     assert code == 1
     assert err.strip() == f"error: {tiny_data / 'manifest.json'}: default init_lr=-0.5: must be > 0, got -0.5"
+
+
+def test_the_files_on_disk_reproduce_the_table_scored_in_memory(tiny_data, tmp_path):
+    """The table is scored from the trunk and heads in memory; the artefacts must give the same numbers."""
+    from conftest import make_test_config
+    from mas import RunState, TaskModel
+    from model_train import evaluate
+    from utils.data_utils import make_task_data, read_manifest, task_dirs
+    from utils.results import load_results
+
+    models = tmp_path / "models"
+    results = main(["--data_dir", str(tiny_data), "--models_dir", str(models), *FAST, "--seed", "5"])
+    state = RunState(make_test_config(tiny_data, models), load_results(models))
+    state.load_finished(models)  # trunk, heads and reg_params from their files
+    manifest = read_manifest(tiny_data)
+    tasks = [make_task_data(f, manifest, 1, 8, 4, 0) for f in task_dirs(tiny_data, manifest)]
+    from_files = [
+        evaluate(TaskModel(state.shared, state.heads[t]), task.test, torch.device("cpu"))
+        for t, task in enumerate(tasks, start=1)
+    ]
+    assert from_files == results["accuracy_matrix"][-1] == [r["now"] for r in results["forgetting"]]
+    performance = [float((models / f"Task_{t}" / "performance.txt").read_text()) for t in (1, 2)]
+    assert performance == pytest.approx([r["after_training"] for r in results["forgetting"]], abs=1e-6)

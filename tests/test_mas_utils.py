@@ -2,57 +2,45 @@
 
 from __future__ import annotations
 
-import argparse
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from main import build_parser
-from mas import mas_train, task_seed
-from model_class import AlexNetTrunk, MlpTrunk, TaskModel
+from conftest import make_test_config, new_run_state
+from importance import mas_batch_importance
+from mas import RunState, mas_train, task_seed
+from model_class import AlexNetTrunk, MlpTrunk, TaskModel, build_shared_model, create_freeze_layers
 from model_train import seed_everything
+from reg_params import check_reg_params, consolidate_reg_params, init_reg_params, init_reg_params_across_tasks
 from utils import UserError
 from utils.data_utils import make_task_data, read_manifest, task_dirs
-from utils.importance import mas_batch_importance
 from utils.io_utils import load_tensor_pickle, save_pickle
-from utils.mas_utils import (
-    check_reg_params,
-    consolidate_reg_params,
-    create_freeze_layers,
-    init_reg_params,
-    init_reg_params_across_tasks,
-)
-from utils.model_utils import build_shared_model, load_head, load_shared_model
+from utils.model_utils import load_head, load_shared_state, read_performance
 
 
-def _args(data, models, **overrides) -> argparse.Namespace:
+def _config(data, models, **overrides):
     """main.py's defaults, with the tiny MLP data and the given overrides."""
-    args = build_parser().parse_args([])
-    settings = dict(
-        data_dir=str(data),
-        models_dir=str(models),
-        arch="mlp",
-        channels=1,
-        image_size=8,
-        pretrained=False,
-        num_freeze_layers=0,
-        batch_size=4,
-        num_workers=0,
-        num_epochs=3,
-        init_lr=0.05,
-        reg_lambda=1.0,
-        momentum=0.0,
-    )
-    settings.update(overrides)
-    for key, value in settings.items():
-        setattr(args, key, value)
-    return args
+    settings = dict(batch_size=4, num_epochs=3, init_lr=0.05, reg_lambda=1.0, momentum=0.0)
+    return make_test_config(data, models, **{**settings, **overrides})
 
 
-def _tasks(data, args):
+def _tasks(data, config):
     manifest = read_manifest(data)
-    return [make_task_data(f, manifest, 1, 8, args.batch_size, 0) for f in task_dirs(data, manifest)]
+    return [make_task_data(f, manifest, 1, 8, config.batch_size, 0) for f in task_dirs(data, manifest)]
+
+
+def _load_shared_model(models) -> torch.nn.Module:
+    return load_shared_state(MlpTrunk(64), models)
+
+
+def _reloaded(config, finished: int) -> RunState:
+    """A run read back from the files of its first ``finished`` tasks (what --resume does)."""
+    tasks = [{"task": t, "test_accuracy": read_performance(config.models_dir, t)} for t in range(1, finished + 1)]
+    state = RunState(config, {"tasks": tasks})
+    state.load_finished(Path(config.models_dir))
+    return state
 
 
 def test_freeze_layers_alexnet_convolutions_from_the_input():
@@ -103,14 +91,15 @@ def test_check_reg_params_names_the_offending_parameter():
 
 
 def test_saved_reg_params_hold_the_consolidated_importance(tiny_data, tmp_path):
-    args = _args(tiny_data, tmp_path / "m")
-    tasks = _tasks(tiny_data, args)
-    mas_train(1, tasks[0], args, torch.device("cpu"))
+    config = _config(tiny_data, tmp_path / "m")
+    tasks = _tasks(tiny_data, config)
+    state = new_run_state(config)
+    mas_train(state, 1, tasks[0], torch.device("cpu"))
     after_1 = load_tensor_pickle(tmp_path / "m" / "reg_params.pickle")
-    mas_train(2, tasks[1], args, torch.device("cpu"))
+    mas_train(state, 2, tasks[1], torch.device("cpu"))
     after_2 = load_tensor_pickle(tmp_path / "m" / "reg_params.pickle")
     # Omega of task 2 measured independently with the stored model and head.
-    shared = load_shared_model(tmp_path / "m", "mlp", 1, 8)
+    shared = _load_shared_model(tmp_path / "m")
     model = TaskModel(shared, load_head(tmp_path / "m", 2, shared.out_features))
     omega_2 = mas_batch_importance(model, tasks[1].importance, torch.device("cpu"))
     for name, entry in after_2.items():
@@ -122,19 +111,19 @@ def test_saved_reg_params_hold_the_consolidated_importance(tiny_data, tmp_path):
 def _task2_drift(data, models, reg_lambda: float, seed_models) -> float:
     """Distance that net.3.weight moves from theta* during task 2, after a reload from disk."""
     shutil.copytree(seed_models, models)
-    args = _args(data, models, reg_lambda=reg_lambda, num_epochs=5, init_lr=0.1)
+    config = _config(data, models, reg_lambda=reg_lambda, num_epochs=5, init_lr=0.1)
     reg = load_tensor_pickle(models / "reg_params.pickle")
     reg["net.3.weight"]["omega"] = torch.full_like(reg["net.3.weight"]["omega"], 4.0)
     save_pickle(reg, models / "reg_params.pickle")
-    theta_star = load_shared_model(models, "mlp", 1, 8).state_dict()["net.3.weight"]
-    mas_train(2, _tasks(data, args)[1], args, torch.device("cpu"))
-    after = load_shared_model(models, "mlp", 1, 8).state_dict()["net.3.weight"]
+    theta_star = _load_shared_model(models).state_dict()["net.3.weight"]
+    mas_train(_reloaded(config, 1), 2, _tasks(data, config)[1], torch.device("cpu"))
+    after = _load_shared_model(models).state_dict()["net.3.weight"]
     return (after - theta_star).norm().item()
 
 
 def test_penalty_is_active_in_task_2_after_a_save_load_round_trip(tiny_data, tmp_path):
-    args = _args(tiny_data, tmp_path / "task1")
-    mas_train(1, _tasks(tiny_data, args)[0], args, torch.device("cpu"))
+    config = _config(tiny_data, tmp_path / "task1")
+    mas_train(new_run_state(config), 1, _tasks(tiny_data, config)[0], torch.device("cpu"))
     free = _task2_drift(tiny_data, tmp_path / "free", 0.0, tmp_path / "task1")
     held = _task2_drift(tiny_data, tmp_path / "held", 1.0, tmp_path / "task1")
     assert free > 0.05
@@ -142,13 +131,14 @@ def test_penalty_is_active_in_task_2_after_a_save_load_round_trip(tiny_data, tmp
 
 
 def test_frozen_layers_do_not_change_across_tasks(tiny_data, tmp_path):
-    args = _args(tiny_data, tmp_path / "m", num_freeze_layers=1)
-    tasks = _tasks(tiny_data, args)
-    seed_everything(task_seed(args.seed, 1))
+    config = _config(tiny_data, tmp_path / "m", num_freeze_layers=1)
+    tasks = _tasks(tiny_data, config)
+    seed_everything(task_seed(config.seed, 1))
     initial = build_shared_model("mlp", 1, 8, pretrained=False).state_dict()
+    state = new_run_state(config)
     for task_no, task in enumerate(tasks, start=1):
-        mas_train(task_no, task, args, torch.device("cpu"))
-    final = load_shared_model(tmp_path / "m", "mlp", 1, 8).state_dict()
+        mas_train(state, task_no, task, torch.device("cpu"))
+    final = _load_shared_model(tmp_path / "m").state_dict()
     assert torch.equal(final["net.1.weight"], initial["net.1.weight"])
     assert torch.equal(final["net.1.bias"], initial["net.1.bias"])
     assert not torch.equal(final["net.3.weight"], initial["net.3.weight"])

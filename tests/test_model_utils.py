@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from model_class import AlexNetTrunk
+from model_class import AlexNetTrunk, build_shared_model
 from utils import UserError, model_utils
 
 
@@ -31,12 +31,12 @@ def test_pretrained_weights_download_once_and_load(http_server, tmp_path, monkey
     tmp.rename(root / name)
     monkeypatch.setattr(model_utils, "ALEXNET_WEIGHTS_URL", f"{base_url}/{name}")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    trunk = model_utils.build_shared_model("alexnet", 3, 64, pretrained=True)
+    trunk = build_shared_model("alexnet", 3, 64, pretrained=True)
     assert torch.equal(trunk.features[0].weight, state["features.0.weight"].float())
     assert torch.equal(trunk.classifier[4].bias, state["classifier.4.bias"].float())
     assert (tmp_path / "torch_home" / "hub" / "checkpoints" / name).is_file()
     (root / name).unlink()  # the second build must come from the cache, not the server
-    again = model_utils.build_shared_model("alexnet", 3, 64, pretrained=True)
+    again = build_shared_model("alexnet", 3, 64, pretrained=True)
     assert torch.equal(again.features[0].weight, trunk.features[0].weight)
 
 
@@ -44,7 +44,7 @@ def test_offline_without_cached_weights_names_the_file_and_the_way_out(closed_po
     monkeypatch.setattr(model_utils, "ALEXNET_WEIGHTS_URL", f"{closed_port_url}/alexnet-owt-7be5be79.pth")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     with pytest.raises(UserError) as err:
-        model_utils.build_shared_model("alexnet", 3, 64, pretrained=True)
+        build_shared_model("alexnet", 3, 64, pretrained=True)
     message = str(err.value)
     assert str(tmp_path / "th" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth") in message
     assert "--no-pretrained" in message
@@ -53,4 +53,4 @@ def test_offline_without_cached_weights_names_the_file_and_the_way_out(closed_po
 
 def test_pretrained_needs_alexnet():
     with pytest.raises(UserError, match="--pretrained needs --arch alexnet"):
-        model_utils.build_shared_model("mlp", 1, 8, pretrained=True)
+        build_shared_model("mlp", 1, 8, pretrained=True)

@@ -11,7 +11,6 @@ and read back with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import argparse
 import random
 from pathlib import Path
 from typing import Any
@@ -23,25 +22,11 @@ from utils import UserError
 from utils.io_utils import load_torch, save_torch
 
 CHECKPOINT = "checkpoint.pth"
-NOT_RECORDED = frozenset({"resume", "overwrite", "debug"})
 # Recorded, but free to change on --resume: they do not change what the run computes (the data
 # is compared through its fingerprint, not its path). --num_workers does: random augmentations
 # are drawn in the workers, and which worker serves which batch depends on their number.
 FREE_ON_RESUME = frozenset({"plot", "models_dir", "data_dir"})
 _IMPORTANCE_KEYS = ("omega", "theta_star")  # re-attached from reg_params, no need to store twice
-
-
-def run_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """The run's arguments as stored in checkpoints and results.json; flags that the chosen
-    method does not read are left out, so that they cannot block a resume."""
-    arguments = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RECORDED}
-    arguments["data_dir"] = str(Path(args.data_dir).resolve())
-    arguments["models_dir"] = str(Path(args.models_dir).resolve())
-    if args.method != "mas":
-        arguments.pop("omega_estimator", None)
-    if args.method != "si":
-        arguments.pop("si_xi", None)
-    return arguments
 
 
 def argument_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -83,13 +68,13 @@ def save_checkpoint(
     models_dir: str | Path,
     task_no: int,
     epoch: int,
-    args: argparse.Namespace,
+    args: dict[str, Any],
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     reg_params: dict,
     history: list[dict],
 ) -> None:
-    """State after ``epoch`` (0-based) of task ``task_no``."""
+    """State after ``epoch`` (0-based) of task ``task_no``; ``args`` are the run's recorded arguments."""
     optimizer_state = optimizer.state_dict()
     optimizer_state["state"] = {
         i: {k: v for k, v in s.items() if k not in _IMPORTANCE_KEYS} for i, s in optimizer_state["state"].items()
@@ -99,7 +84,7 @@ def save_checkpoint(
             "format": 1,
             "task": task_no,
             "epoch": epoch,
-            "args": run_arguments(args),
+            "args": args,
             "model": model.state_dict(),
             "optimizer": optimizer_state,
             # At a task's start prev_omega == omega (see utils/mas_utils.py): store it once.

@@ -1,10 +1,11 @@
-"""Building, saving and loading the shared model and the per-task heads; per-task
-folders and their text files; inference with a given task's head.
+"""The files of a run's models: the shared trunk, the per-task heads and their text files, and
+the ImageNet AlexNet weights. Only reading and writing here; the networks are built in
+``model_class.py``.
 
 Output tree under ``--models_dir`` (as the seed implementation)::
 
     shared_model.pth        state_dict of the shared trunk after the last finished task
-    reg_params.pickle       MAS state, see utils/mas_utils.py
+    reg_params.pickle       MAS state, see reg_params.py
     Task_i/head.pth         state_dict of task i's Linear head
     Task_i/performance.txt  test accuracy (%) right after training task i
     Task_i/classes.txt      number of classes, then one class name per line
@@ -12,6 +13,8 @@ Output tree under ``--models_dir`` (as the seed implementation)::
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 from urllib.error import URLError
@@ -19,11 +22,8 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from torchvision.models import AlexNet_Weights
-from tqdm import tqdm
 
-from model_class import build_trunk
 from utils import UserError
 from utils.io_utils import load_torch, save_text, save_torch
 
@@ -36,13 +36,17 @@ ALEXNET_WEIGHTS_URL = AlexNet_Weights.IMAGENET1K_V1.url
 
 
 def pretrained_alexnet_state() -> dict[str, torch.Tensor]:
-    """ImageNet AlexNet weights through torch.hub's cache (downloaded once, hash-checked)."""
+    """ImageNet AlexNet weights through torch.hub's cache (downloaded once, hash-checked).
+
+    torch.hub prints "Downloading: ..." on stdout; it is held back so that an offline run
+    prints its one error line and nothing else."""
     url = ALEXNET_WEIGHTS_URL
     target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
     try:
-        return torch.hub.load_state_dict_from_url(
-            url, map_location="cpu", progress=True, check_hash=True, weights_only=True
-        )
+        with contextlib.redirect_stdout(io.StringIO()):
+            return torch.hub.load_state_dict_from_url(
+                url, map_location="cpu", progress=True, check_hash=True, weights_only=True
+            )
     except (URLError, OSError, RuntimeError, EOFError) as err:
         raise UserError(
             f"could not get the ImageNet AlexNet weights ({getattr(err, 'reason', err)}): "
@@ -50,22 +54,12 @@ def pretrained_alexnet_state() -> dict[str, torch.Tensor]:
         ) from err
 
 
-def build_shared_model(arch: str, channels: int, image_size: int, pretrained: bool) -> nn.Module:
-    """The trunk for task 1: random, or AlexNet with ImageNet weights (minus the last Linear)."""
-    trunk = build_trunk(arch, channels, image_size)
-    if pretrained:
-        if arch != "alexnet":
-            raise UserError(f"--pretrained needs --arch alexnet (there are no pretrained {arch} weights)")
-        state = {k: v for k, v in pretrained_alexnet_state().items() if not k.startswith("classifier.6.")}
-        check_tensors(state, trunk.state_dict(), "the ImageNet AlexNet weights")
-        trunk.load_state_dict(state)
-    return trunk
-
-
 def check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
     """Same names and shapes, or a UserError naming the first offending parameter."""
+    if not isinstance(found, dict):
+        raise UserError(f"{what} is not a dict of tensors keyed by parameter name")
     missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
+    extra = sorted(set(found) - set(expected), key=str)
     if missing:
         raise UserError(f"{what} has no entry for parameter {missing[0]!r} ({len(missing)} missing)")
     if extra:
@@ -78,6 +72,16 @@ def check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Tens
                 f"{what}: parameter {name!r} has shape {tuple(tensor.shape)}, "
                 f"the model expects {tuple(expected[name].shape)}"
             )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{what}: parameter {name!r} holds NaN or infinite values")
+
+
+def load_state_into(module: nn.Module, path: Path, what: str | None = None) -> nn.Module:
+    """Load a state_dict file into ``module`` after checking every name, shape and value."""
+    state = load_torch(path)
+    check_tensors(state, module.state_dict(), what or str(path))
+    module.load_state_dict(state)
+    return module
 
 
 def task_folder(models_dir: str | Path, task_no: int) -> Path:
@@ -88,13 +92,9 @@ def save_shared_model(shared: nn.Module, models_dir: str | Path) -> None:
     save_torch(shared.state_dict(), Path(models_dir) / SHARED_MODEL)
 
 
-def load_shared_model(models_dir: str | Path, arch: str, channels: int, image_size: int) -> nn.Module:
-    trunk = build_trunk(arch, channels, image_size)
-    path = Path(models_dir) / SHARED_MODEL
-    state = load_torch(path)
-    check_tensors(state, trunk.state_dict(), str(path))
-    trunk.load_state_dict(state)
-    return trunk
+def load_shared_state(shared: nn.Module, models_dir: str | Path) -> nn.Module:
+    """The weights of ``shared_model.pth`` into a trunk of the run's architecture."""
+    return load_state_into(shared, Path(models_dir) / SHARED_MODEL)
 
 
 def save_head(head: nn.Linear, models_dir: str | Path, task_no: int) -> None:
@@ -127,17 +127,3 @@ def read_performance(models_dir: str | Path, task_no: int) -> float:
         raise UserError(f"missing file {path}; was task {task_no} trained into this folder?") from err
     except ValueError as err:
         raise UserError(f"{path} does not hold an accuracy: {err}") from err
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "test") -> float:
-    """Top-1 accuracy in percent of ``model`` (a trunk with one task's head) on ``loader``."""
-    model.eval()
-    correct = total = 0
-    for inputs, labels in tqdm(loader, desc=desc, leave=False, disable=None):
-        logits = model(inputs.to(device))
-        correct += (logits.argmax(1).cpu() == labels).sum().item()
-        total += labels.numel()
-    if total == 0:
-        raise UserError(f"no images to evaluate in {getattr(loader.dataset, 'root', 'the test set')}")
-    return 100.0 * correct / total

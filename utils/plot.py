@@ -36,12 +36,8 @@ BARS_SIZE = (9.6, 5.4)  # 960 x 540 pixels
 
 
 def run_label(results: dict[str, Any]) -> str:
-    """method (estimator, lambda) from the run's arguments."""
-    args = results["args"]
-    method = results["method"]
-    if method == "mas":
-        method = f"mas {args.get('omega_estimator', 'batch')}"
-    return method if method == "finetune" else f"{method}, lambda={args.get('reg_lambda'):g}"
+    """The method's own label for the run (e.g. "mas batch, lambda=0.2"), as ``main.py`` recorded it."""
+    return results.get("label", results["method"])
 
 
 def _save(fig, path: Path) -> Path:

@@ -16,8 +16,8 @@ acc[i][j] is the test accuracy (%) on task j with its own head after training ta
 
 from __future__ import annotations
 
-import argparse
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +25,20 @@ import torch
 import torchvision
 
 from utils import UserError
-from utils.checkpoint import run_arguments
 from utils.io_utils import load_json, save_json, save_text
 
 RESULTS = "results.json"
 MATRIX_CSV = "accuracy_matrix.csv"
 
 
-def new_results(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any]:
+def new_results(args: dict[str, Any], manifest: Mapping[str, Any], label: str) -> dict[str, Any]:
+    """An empty results file for a run with the recorded arguments ``args``; ``label`` names it in plots."""
     return {
         "format": 1,
-        "args": run_arguments(args),
-        "method": args.method,
-        "seed": args.seed,
+        "args": args,
+        "method": args["method"],
+        "label": label,
+        "seed": args["seed"],
         "dataset": manifest["dataset"],
         "task_names": [t["name"] for t in manifest["tasks"]],
         "versions": {
@@ -45,7 +46,7 @@ def new_results(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str,
             "torch": torch.__version__,
             "torchvision": torchvision.__version__,
         },
-        "eval_every_task": args.eval_every_task,
+        "eval_every_task": args["eval_every_task"],
         "tasks": [],
         "accuracy_matrix": [],
         "complete": False,

@@ -1,10 +1,13 @@
-"""The MAS regularisation state ``reg_params``, its life cycle across tasks, and layer freezing.
+"""The MAS regularisation state ``reg_params`` and its life cycle across tasks
+(Memory Aware Synapses, Aljundi et al., ECCV 2018, Eq. 3: the penalty
+reg_lambda * sum_ij Omega_ij (theta_ij - theta*_ij)^2 needs Omega and theta* of every parameter).
 
 ``reg_params`` maps the NAME of every trainable parameter of the shared model
 (``features.3.weight``, ...) to ``{'omega', 'init_val', 'prev_omega'}`` CPU tensors:
 
 - ``omega``: the importance Omega used by the penalty lambda * Omega (theta - theta*)^2 (Eq. 3);
-- ``init_val``: theta*, the weights the penalty pulls towards;
+- ``init_val``: theta*, the weights the penalty pulls towards (the seed's name, kept in this
+  seed-compatible format; the code calls it ``theta_star`` everywhere else);
 - ``prev_omega``: Omega accumulated over the tasks before the current one.
 
 It is keyed by name, never by Parameter object: the seed implementation keyed it by
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model_class import trainable_parameters
 from utils import UserError
 from utils.io_utils import load_tensor_pickle, save_pickle
 from utils.model_utils import check_tensors
@@ -34,28 +38,6 @@ from utils.model_utils import check_tensors
 REG_PARAMS = "reg_params.pickle"
 REG_KEYS = ("omega", "init_val", "prev_omega")
 RegParams = dict[str, dict[str, torch.Tensor]]
-
-
-def create_freeze_layers(shared: nn.Module, num_freeze_layers: int) -> list[str]:
-    """Freeze the first ``num_freeze_layers`` layers of the trunk (AlexNet: convolutions
-    of ``features``; MLP: Linear layers, from the input). Returns the frozen parameter names.
-    Frozen parameters are not trained, carry no importance and no penalty."""
-    layers = shared.freezable_layers()
-    if not 0 <= num_freeze_layers <= len(layers):
-        raise UserError(
-            f"--num_freeze_layers must be between 0 and {len(layers)} "
-            f"(the trunk has {len(layers)} such layers), got {num_freeze_layers}"
-        )
-    frozen = []
-    for layer in layers[:num_freeze_layers]:
-        for name, param in shared.get_submodule(layer).named_parameters():
-            param.requires_grad_(False)
-            frozen.append(f"{layer}.{name}")
-    return frozen
-
-
-def trainable_parameters(shared: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in shared.named_parameters() if p.requires_grad}
 
 
 def _snapshot(param: torch.Tensor) -> torch.Tensor:
@@ -101,10 +83,16 @@ def consolidate_reg_params(reg_params: RegParams, omega_new: dict[str, torch.Ten
     }
 
 
+def theta_star(reg_params: RegParams) -> dict[str, torch.Tensor]:
+    """theta*, the anchor of the penalty (stored as ``init_val``)."""
+    return {name: entry["init_val"] for name, entry in reg_params.items()}
+
+
 def attach_importance(optimizer, shared: nn.Module, reg_params: RegParams) -> None:
-    """Hand omega and theta* (init_val) of every trainable parameter to a ``LocalSgd``."""
+    """Hand Omega and theta* of every trainable parameter to a ``LocalSgd``."""
+    anchor = theta_star(reg_params)
     for name, param in trainable_parameters(shared).items():
-        optimizer.set_importance(param, reg_params[name]["omega"], reg_params[name]["init_val"])
+        optimizer.set_importance(param, reg_params[name]["omega"], anchor[name])
 
 
 def penalty_stiffness(reg_params: RegParams, lr: float, reg_lambda: float) -> float:

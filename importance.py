@@ -48,8 +48,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from optimizer_lib import OmegaUpdate
-from utils.mas_utils import trainable_parameters
+from model_class import trainable_parameters
 
 Importance = dict[str, torch.Tensor]
 BatchLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -65,20 +64,32 @@ def _negative_log_likelihood(outputs: torch.Tensor, labels: torch.Tensor) -> tor
     return F.cross_entropy(outputs, labels, reduction="sum")  # -sum_k log p(y_k | x_k)
 
 
+def running_mean_(omega: torch.Tensor, grad: torch.Tensor, seen: int, batch_size: int) -> int:
+    """Omega <- (n * Omega + |g|) / (n + batch_size) in place; returns n + batch_size.
+
+    After N samples Omega = (1/N) * sum over batches of |g_batch| (Eq. 2 with the gradient of a
+    whole batch in place of each sample's: the authors' ``MAS_Omega_update``)."""
+    total = seen + batch_size
+    omega.mul_(seen / total).add_(grad.abs(), alpha=1.0 / total)
+    return total
+
+
 def mas_batch_importance(model: nn.Module, loader: DataLoader, device: torch.device) -> Importance:
     """Omega = (1/N) sum over batches of | d/dtheta sum_{k in batch} ||F(x_k)||_2^2 | (authors' estimator)."""
     params = trainable_parameters(model.shared)
-    omega_update = OmegaUpdate(params.values())
+    omega = {name: torch.zeros_like(p) for name, p in params.items()}
+    seen = 0
     model.eval()
     for inputs, labels in tqdm(loader, desc="importance (batch)", leave=False, disable=None):
         model.zero_grad(set_to_none=True)
         _squared_output_norm(model(inputs.to(device)), labels).backward()
-        omega_update.step(batch_size=inputs.shape[0])
+        with torch.no_grad():
+            for name, p in params.items():  # a parameter the output does not depend on has no gradient
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                running_mean_(omega[name], grad, seen, inputs.shape[0])
+        seen += inputs.shape[0]
     model.zero_grad(set_to_none=True)
-    state = omega_update.state
-    return {
-        name: state[p]["omega"].cpu() if state[p] else torch.zeros_like(p, device="cpu") for name, p in params.items()
-    }
+    return {name: o.cpu() for name, o in omega.items()}
 
 
 def mas_per_sample_importance(model: nn.Module, loader: DataLoader, device: torch.device) -> Importance:

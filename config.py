@@ -1,0 +1,237 @@
+"""The configuration of a run of ``main.py``: its flags, and one frozen ``RunConfig`` built from them.
+
+Memory Aware Synapses (Aljundi et al., ECCV 2018) trains every task on CE + reg_lambda * sum
+Omega (theta - theta*)^2 (Eq. 3); the flags set that lambda, the network, the optimizer and the data.
+
+Precedence: a flag given on the command line wins over the manifest's ``defaults`` (written by
+``data_prep.py`` for data that needs other settings, e.g. the MLP for digits), which win over the
+built-in defaults. argv is parsed once; the manifest's defaults are checked by the same parser.
+The derived fields (channels and image size the model takes, a fingerprint of the data) are
+computed here, once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import methods
+from model_class import ARCHS
+from utils import UserError
+from utils.cli import OneLineParser, at_least, positive_float, seed, unit_interval
+from utils.data_utils import data_fingerprint, read_manifest
+
+# Flags that are not part of what a run computes: never recorded, never compared on --resume.
+NOT_RECORDED = frozenset({"resume", "overwrite", "debug"})
+# Flags a manifest may not set: where the data and the artefacts are, and what this invocation does.
+NOT_FROM_MANIFEST = NOT_RECORDED | {"data_dir", "models_dir", "plot"}
+_NOT_GIVEN = object()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--use_gpu", action="store_true", help="train on CUDA; an error if CUDA is absent (default: %(default)s)"
+    )
+    p.add_argument("--batch_size", type=at_least(1, int), default=8, help="batch size (default: %(default)s)")
+    p.add_argument(
+        "--num_freeze_layers",
+        type=at_least(0, int),
+        default=2,
+        help="freeze the first k layers of the trunk in every task: AlexNet convolutions, "
+        "or MLP Linear layers, from the input (default: %(default)s)",
+    )
+    p.add_argument("--num_epochs", type=at_least(1, int), default=10, help="epochs per task (default: %(default)s)")
+    p.add_argument(
+        "--init_lr",
+        type=positive_float,
+        default=0.001,
+        help="initial learning rate, x0.1 every 20 epochs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--reg_lambda",
+        type=at_least(0.0),
+        default=0.01,
+        help="weight of the MAS penalty sum Omega (theta - theta*)^2 (default: %(default)s)",
+    )
+    names = methods.method_names()
+    p.add_argument(
+        "--method",
+        choices=names,
+        default="mas",
+        help="; ".join(f"{n}: {methods.method_class(n).summary}" for n in names) + " (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data_dir", default="Data", help="task folders and manifest from data_prep.py (default: %(default)s)"
+    )
+    p.add_argument("--models_dir", default="models", help="where the artefacts of every task go (default: %(default)s)")
+    p.add_argument(
+        "--arch", choices=ARCHS, default=None, help="trunk (default: %(default)s, i.e. the manifest's default_arch)"
+    )
+    p.add_argument("--momentum", type=unit_interval, default=0.9, help="SGD momentum (default: %(default)s)")
+    p.add_argument("--weight_decay", type=at_least(0.0), default=0.0, help="L2 weight decay (default: %(default)s)")
+    p.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start AlexNet from torchvision's ImageNet weights (default: %(default)s)",
+    )
+    p.add_argument(
+        "--image_size",
+        type=at_least(1, int),
+        default=None,
+        help="input size in pixels (default: %(default)s, i.e. 224 for alexnet as the seed, the stored size otherwise)",
+    )
+    p.add_argument(
+        "--num_workers", type=at_least(0, int), default=2, help="data loading processes (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=seed, default=0, help="seed of every random number generator (default: %(default)s)")
+    p.add_argument(
+        "--eval_every_task",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after every task, score all tasks seen so far (the full accuracy matrix); "
+        "without it only the diagonal and the last row (default: %(default)s)",
+    )
+    p.add_argument(
+        "--plot",
+        action="store_true",
+        help="write the accuracy-matrix heatmap and the before/after bar chart to <models_dir>/plots "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the interrupted run in --models_dir (default: %(default)s)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the artefacts of an earlier run in --models_dir (default: %(default)s)",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors (default: %(default)s)")
+    for name in names:
+        methods.method_class(name).add_args(p.add_argument_group(f"--method {name}"))
+    return p
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run depends on, fixed before the first task starts."""
+
+    use_gpu: bool
+    batch_size: int
+    num_freeze_layers: int
+    num_epochs: int
+    init_lr: float
+    reg_lambda: float
+    method: str
+    data_dir: str
+    models_dir: str
+    arch: str
+    momentum: float
+    weight_decay: float
+    pretrained: bool
+    image_size: int  # resolved: 224 for alexnet unless given, else the stored size
+    num_workers: int
+    seed: int
+    eval_every_task: bool
+    plot: bool
+    resume: bool
+    overwrite: bool
+    debug: bool
+    method_options: Mapping[str, Any]  # the chosen method's own flags
+    channels: int  # what the model takes (AlexNet: 3, also for grey-scale data)
+    data_fingerprint: str  # identifies the data whatever its path
+    manifest: Mapping[str, Any] = field(repr=False, compare=False)
+    applied_defaults: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def recorded(self) -> dict[str, Any]:
+        """The arguments stored in checkpoints and results.json, as flat ``flag -> value``; flags the
+        chosen method does not read are left out, so that they cannot block a resume."""
+        skipped = NOT_RECORDED | {"method_options", "manifest", "applied_defaults"}
+        arguments = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skipped}
+        arguments.update(self.method_options)
+        arguments["data_dir"] = str(Path(self.data_dir).resolve())
+        arguments["models_dir"] = str(Path(self.models_dir).resolve())
+        return dict(sorted(arguments.items()))
+
+
+def _given_flags(parser: argparse.ArgumentParser, argv: list[str], builtin: dict[str, Any]) -> dict[str, Any]:
+    """The flags set on the command line: argparse leaves a namespace's existing attributes alone
+    unless a flag sets them, so every attribute still holding the marker was not given."""
+    namespace = argparse.Namespace(**dict.fromkeys(builtin, _NOT_GIVEN))
+    parsed = vars(parser.parse_args(argv, namespace))
+    return {k: v for k, v in parsed.items() if v is not _NOT_GIVEN}
+
+
+def _as_flags(key: str, value: Any, builtin: dict[str, Any], path: Path) -> list[str]:
+    """A manifest default written as the command-line flag it stands for."""
+    if not isinstance(builtin[key], bool):
+        return [f"--{key}={value}"]
+    if not isinstance(value, bool):
+        raise UserError(f"{path}: default {key}={value!r}: must be true or false")
+    if value == builtin[key]:
+        return []
+    return [f"--{key}"] if value else [f"--no-{key}"]
+
+
+def manifest_defaults(manifest: Mapping[str, Any], builtin: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The manifest's ``defaults`` (and ``default_arch``), checked like the flags they stand for."""
+    defaults = dict(manifest.get("defaults", {}))
+    defaults.setdefault("arch", manifest.get("default_arch", "alexnet"))
+    for key in defaults:
+        if key not in builtin or key in NOT_FROM_MANIFEST:
+            raise UserError(f"{path}: unknown default {key!r}")
+    parser = build_parser()
+    parser.exit_on_error = False
+    for key, value in defaults.items():
+        try:
+            parser.parse_args(_as_flags(key, value, builtin, path), argparse.Namespace(**builtin))
+        except argparse.ArgumentError as err:
+            raise UserError(f"{path}: default {key}={value!r}: {err.message}") from None
+    return defaults
+
+
+def parse_config(argv: list[str]) -> RunConfig:
+    """The run's configuration: command line > manifest defaults > built-in defaults."""
+    parser = build_parser()
+    builtin = vars(parser.parse_args([]))
+    given = _given_flags(parser, argv, builtin)  # --help and malformed flags stop here
+    manifest = read_manifest(given.get("data_dir", builtin["data_dir"]))
+    path = Path(given.get("data_dir", builtin["data_dir"])) / "manifest.json"
+    defaults = manifest_defaults(manifest, builtin, path)
+    values = {**builtin, **defaults, **given}
+    applied = {k: v for k, v in defaults.items() if k not in given}
+    return make_config(values, manifest, applied)
+
+
+def make_config(values: Mapping[str, Any], manifest: Mapping[str, Any], applied: Mapping[str, Any] = ()) -> RunConfig:
+    """A RunConfig from flag values (every flag of ``build_parser``) and the data's manifest."""
+    options = methods.method_class(values["method"]).option_names()
+    common = {k: v for k, v in values.items() if k not in _all_method_options()}
+    arch = common["arch"]
+    image_size = common["image_size"] or (224 if arch == "alexnet" else manifest["image_size"])
+    return RunConfig(
+        **{**common, "image_size": image_size},
+        method_options=MappingProxyType({k: values[k] for k in options}),
+        channels=3 if arch == "alexnet" else manifest["channels"],
+        data_fingerprint=data_fingerprint(manifest),
+        manifest=MappingProxyType(dict(manifest)),
+        applied_defaults=MappingProxyType(dict(applied)),
+    )
+
+
+def _all_method_options() -> set[str]:
+    return {o for name in methods.method_names() for o in methods.method_class(name).option_names()}
+
+
+def default_values(**overrides: Any) -> dict[str, Any]:
+    """The built-in value of every flag, with ``overrides``: what tests build configs from."""
+    values = vars(build_parser().parse_args([]))
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise TypeError(f"unknown flags {sorted(unknown)}")
+    return {**values, **overrides}

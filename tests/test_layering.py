@@ -1,0 +1,88 @@
+"""The design holds: no module imports upward, and functions stay short."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+# From the bottom: I/O, the model, the research core, the training loop, the run, the command line.
+LAYERS = [
+    "utils",
+    "model_class",
+    "importance",
+    "optimizer_lib",
+    "reg_params",
+    "methods",
+    "model_train",
+    "config",
+    "mas",
+    "main",
+]
+TOOLS = {"data_prep": len(LAYERS)}  # command-line tools on top of utils
+MAX_LINES = 45
+LONG_ALLOWED = {"build_parser"}  # argparse builders: one statement per flag
+
+
+def _layer(module: str) -> int | None:
+    top = module.split(".")[0]
+    if top in TOOLS:
+        return TOOLS[top]
+    return LAYERS.index(top) if top in LAYERS else None
+
+
+def _sources() -> list[Path]:
+    skip = {"tests", "benchmarks", "models", "Data"}
+    return [p for p in ROOT.rglob("*.py") if not skip & set(p.relative_to(ROOT).parts) and "/." not in str(p)]
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(tree: ast.Module) -> list[str]:
+    """Imported first-party modules, outside ``if TYPE_CHECKING:`` blocks."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            node.body = []
+        elif isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append(node.module)
+    return [m for m in found if _layer(m) is not None]
+
+
+def test_no_module_imports_upward():
+    upward = []
+    for path in _sources():
+        name = _module_name(path)
+        own = _layer(name)
+        assert own is not None, f"{name} has no place in LAYERS: add it"
+        for target in _imports(ast.parse(path.read_text())):
+            if _layer(target) > own:
+                upward.append(f"{name} imports {target}")
+    assert upward == []
+
+
+def test_utils_is_io_only_and_the_core_does_not_import_the_optimizer():
+    for path in _sources():
+        name = _module_name(path)
+        imports = _imports(ast.parse(path.read_text()))
+        if name.startswith("utils"):
+            assert all(m.startswith("utils") for m in imports), name
+        if name in ("importance", "reg_params") or name.startswith("methods"):
+            assert "optimizer_lib" not in imports, name
+
+
+def test_functions_are_short():
+    long = []
+    for path in _sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name not in LONG_ALLOWED:
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_LINES:
+                    long.append(f"{_module_name(path)}.{node.name}: {lines} lines")
+    assert long == []
