@@ -25,21 +25,31 @@ from torch.optim import Optimizer
 from importance import running_mean_
 
 FUSED_MODES = ("auto", "compile", "eager")
+PENALTY_STEPS = ("explicit", "proximal")
 # Below this many penalised elements the step is launch-bound, not memory-bound,
 # and compiling costs more than it saves.
 COMPILE_MIN_NUMEL = 1_000_000
 
 
-def _penalised_sgd(params, grads, bufs, omegas, theta_stars, lr, momentum, weight_decay, reg2):
-    """One SGD step on  g + weight_decay * theta + reg2 * Omega * (theta - theta*)  (Eq. 3, reg2 = 2 lambda).
+def _penalised_sgd(params, grads, bufs, omegas, theta_stars, lr, momentum, weight_decay, reg2, proximal):
+    """One step of LocalSgd on every penalised parameter, reg2 = 2 lambda (Eq. 3).
 
+    explicit: SGD on  g + weight_decay * theta + reg2 * Omega * (theta - theta*).
+    proximal: SGD on  g + weight_decay * theta, giving v, then the proximal map of the penalty
+    (see LocalSgd), theta <- (v + c theta*) / (1 + c) with c = lr * reg2 * Omega.
     Written per element so that the compiler fuses it into one read of
-    (theta, g, buf, Omega, theta*) and one write of (theta, buf) per parameter.
+    (theta, g, buf, Omega, theta*) and one write of (theta, buf) per parameter. ``proximal``
+    is a Python bool: the compiler specialises on it (one graph per mode, compiled on first use).
     """
     for p, g, buf, omega, theta_star in zip(params, grads, bufs, omegas, theta_stars):
-        d_p = g + weight_decay * p + reg2 * omega * (p - theta_star)
-        buf.mul_(momentum).add_(d_p)
-        p.sub_(lr * buf)
+        if proximal:
+            buf.mul_(momentum).add_(g + weight_decay * p)
+            c = lr * reg2 * omega
+            p.copy_((p - lr * buf + c * theta_star) / (1 + c))
+        else:
+            d_p = g + weight_decay * p + reg2 * omega * (p - theta_star)
+            buf.mul_(momentum).add_(d_p)
+            p.sub_(lr * buf)
 
 
 _compiled_penalised_sgd = None
@@ -53,8 +63,14 @@ def _compiled_step():
     return _compiled_penalised_sgd
 
 
+def _check_penalty_step(penalty_step: str) -> str:
+    if penalty_step not in PENALTY_STEPS:
+        raise ValueError(f"penalty_step must be one of {PENALTY_STEPS}, got {penalty_step!r}")
+    return penalty_step
+
+
 class LocalSgd(Optimizer):
-    """SGD (momentum, weight decay) whose step adds 2 * reg_lambda * Omega * (theta - theta*).
+    """SGD (momentum, weight decay) with the MAS penalty reg_lambda * Omega * (theta - theta*)^2 (Eq. 3).
 
     Importance is attached per parameter with :meth:`set_importance`; it lives in
     ``self.state[p]`` (keys ``omega`` and ``theta_star``), so it follows the parameter's
@@ -67,7 +83,29 @@ class LocalSgd(Optimizer):
     warning) if compilation fails.
     track_path: accumulate Synaptic Intelligence's path integral
     ``state[p]["path_integral"] += -g * delta_theta`` for every parameter that has
-    that state (see :meth:`start_path_integral`); g is the data gradient, without the penalty.
+    that state (see :meth:`start_path_integral`); g is the data gradient, without the penalty,
+    and delta_theta the whole change of the step (with the penalty's pull, in either mode).
+
+    penalty_step: how the penalty enters the step (both use lr; m = momentum, wd = weight_decay):
+
+    - ``"explicit"`` (default; the authors' step): its gradient 2 * reg_lambda * Omega * (theta - theta*)
+      at the current theta is added to g before weight decay and momentum, so it is carried in the
+      momentum buffer. On the penalty's curvature k = 2 * reg_lambda * Omega this is stable only
+      while lr * k < 2 (1 + m).
+    - ``"proximal"``: an SGD step on the data alone, buf <- m * buf + g + wd * theta and
+      v = theta - lr * buf, then the exact proximal map of the penalty with step lr,
+      theta <- (v + c * theta*) / (1 + c),  c = 2 * lr * reg_lambda * Omega  (elementwise).
+      It differs from the authors' step in two ways. (1) It is implicit in the penalty: the pull
+      is taken at the new point, theta_new = v - lr * k * (theta_new - theta*), so without data
+      gradient theta - theta* shrinks by 1 / (1 + c) per step, monotone and stable for any lr,
+      reg_lambda and Omega >= 0 (the explicit step multiplies it by 1 - c). For small c it equals
+      the explicit pull applied at v, v - c (v - theta*), up to c^2 / (1 + c) * (v - theta*).
+      (2) The penalty never enters the momentum buffer. With m > 0 the explicit pull is carried on
+      by the buffer (total weight lr / (1 - m)) while the proximal pull acts once (weight lr), so
+      the fixed points differ: explicit stops where g + wd * theta + k (theta - theta*) = 0, the
+      stationary points of Eq. 3; proximal where g + wd * theta + (1 - m) k (theta - theta*) = 0,
+      i.e. as if reg_lambda were (1 - m) * reg_lambda (a tenth of it at m = 0.9). With m = 0 both
+      have the stationary points of Eq. 3.
     """
 
     def __init__(
@@ -78,6 +116,7 @@ class LocalSgd(Optimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         fused: str = "auto",
+        penalty_step: str = "explicit",
     ) -> None:
         if not lr > 0.0:
             raise ValueError(f"learning rate must be positive, got {lr}")
@@ -89,10 +128,18 @@ class LocalSgd(Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if fused not in FUSED_MODES:
             raise ValueError(f"fused must be one of {FUSED_MODES}, got {fused!r}")
-        defaults = dict(lr=lr, reg_lambda=reg_lambda, momentum=momentum, weight_decay=weight_decay)
+        _check_penalty_step(penalty_step)
+        defaults = dict(
+            lr=lr, reg_lambda=reg_lambda, momentum=momentum, weight_decay=weight_decay, penalty_step=penalty_step
+        )
         super().__init__(params, defaults)
         self.fused = fused
         self._scratch: dict[torch.Tensor, torch.Tensor] = {}  # eager penalty step, not state: never saved
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a state_dict saved before penalty_step existed
+            group.setdefault("penalty_step", "explicit")
 
     def set_importance(self, param: torch.nn.Parameter, omega: torch.Tensor, theta_star: torch.Tensor) -> None:
         """Penalise ``param`` for moving away from ``theta_star``, weighted by ``omega``."""
@@ -166,39 +213,36 @@ class LocalSgd(Optimizer):
         omegas = [self.state[p]["omega"] for p in params]
         theta_stars = [self.state[p]["theta_star"] for p in params]
         reg2 = 2.0 * group["reg_lambda"]  # d/dtheta of lambda * Omega (theta - theta*)^2
+        proximal = _check_penalty_step(group["penalty_step"]) == "proximal"
+        tensors = (params, grads, omegas, theta_stars)
         if self._use_compiled(params):
             try:
-                self._compiled_anchored_step(params, grads, omegas, theta_stars, group, reg2)
+                self._compiled_anchored_step(*tensors, group, reg2, proximal)
                 return
             except Exception as err:  # no C++/Triton compiler, unsupported platform, ...
                 if self.fused == "compile":
                     raise
                 warnings.warn(f"LocalSgd: torch.compile failed ({type(err).__name__}); using eager ops", stacklevel=3)
                 self.fused = "eager"
-        self._eager_anchored_step(params, grads, omegas, theta_stars, group, reg2)
+        self._eager_anchored_step(*tensors, group, reg2, proximal)
 
-    def _eager_anchored_step(self, params, grads, omegas, theta_stars, group, reg2) -> None:
+    def _eager_anchored_step(self, params, grads, omegas, theta_stars, group, reg2, proximal) -> None:
         """Parameter by parameter, into a scratch buffer kept between steps: fresh temporaries of
         hundreds of MB every step would cost more (page faults) than the arithmetic itself."""
         bufs = self._momentum_buffers(params) if group["momentum"] > 0 else [None] * len(params)
+        step_one = _eager_proximal_step if proximal else _eager_explicit_step
         for p, g, omega, theta_star, buf in zip(params, grads, omegas, theta_stars, bufs):
-            d_p = self._scratch.get(p)
-            if d_p is None or d_p.shape != p.shape or d_p.device != p.device:
-                d_p = self._scratch[p] = torch.empty_like(p)
-            torch.sub(p, theta_star, out=d_p)  # theta - theta*
-            torch.addcmul(g, omega, d_p, value=reg2, out=d_p)  # Eq. 3: g + 2 lambda Omega (theta - theta*)
-            if group["weight_decay"] > 0:
-                d_p.add_(p, alpha=group["weight_decay"])
-            if buf is not None:
-                d_p = buf.mul_(group["momentum"]).add_(d_p)
-            p.add_(d_p, alpha=-group["lr"])
+            scratch = self._scratch.get(p)
+            if scratch is None or scratch.shape != p.shape or scratch.device != p.device:
+                scratch = self._scratch[p] = torch.empty_like(p)
+            step_one(p, g, omega, theta_star, buf, scratch, group, reg2)
 
     def _use_compiled(self, params: list) -> bool:
         if self.fused == "auto":
             return sum(p.numel() for p in params) >= COMPILE_MIN_NUMEL
         return self.fused == "compile"
 
-    def _compiled_anchored_step(self, params, grads, omegas, theta_stars, group, reg2) -> None:
+    def _compiled_anchored_step(self, params, grads, omegas, theta_stars, group, reg2, proximal) -> None:
         # Momentum 0 is the same update with a buffer that is reset to zero each step.
         bufs = self._momentum_buffers(params)
         device = params[0].device
@@ -207,7 +251,35 @@ class LocalSgd(Optimizer):
             torch.tensor(v, dtype=params[0].dtype, device=device)
             for v in (group["lr"], group["momentum"], group["weight_decay"], reg2)
         ]
-        _compiled_step()(params, grads, bufs, omegas, theta_stars, *scalars)
+        _compiled_step()(params, grads, bufs, omegas, theta_stars, *scalars, proximal)
+
+
+def _eager_explicit_step(p, g, omega, theta_star, buf, d_p, group: dict, reg2: float) -> None:
+    """SGD on g + 2 lambda Omega (theta - theta*) + wd theta, with ``d_p`` as scratch."""
+    torch.sub(p, theta_star, out=d_p)  # theta - theta*
+    torch.addcmul(g, omega, d_p, value=reg2, out=d_p)  # Eq. 3: g + 2 lambda Omega (theta - theta*)
+    if group["weight_decay"] > 0:
+        d_p.add_(p, alpha=group["weight_decay"])
+    if buf is not None:
+        d_p = buf.mul_(group["momentum"]).add_(d_p)
+    p.add_(d_p, alpha=-group["lr"])
+
+
+def _eager_proximal_step(p, g, omega, theta_star, buf, scratch, group: dict, reg2: float) -> None:
+    """SGD on g + wd theta, giving v, then the proximal map of lambda Omega (theta - theta*)^2 with step lr.
+
+    prox(v) = argmin_u  lambda Omega (u - theta*)^2 + (u - v)^2 / (2 lr): the objective is a convex
+    quadratic in u, so its minimiser is where the derivative vanishes,
+    2 lambda Omega (u - theta*) + (u - v) / lr = 0  <=>  u (1 + c) = v + c theta*,  c = 2 lr lambda Omega,
+    hence u = (v + c theta*) / (1 + c), elementwise. ``scratch`` holds g + wd theta, then c.
+    """
+    d_p = torch.add(g, p, alpha=group["weight_decay"], out=scratch) if group["weight_decay"] > 0 else g
+    if buf is not None:
+        d_p = buf.mul_(group["momentum"]).add_(d_p)
+    p.add_(d_p, alpha=-group["lr"])  # v = theta - lr * buf
+    c = torch.mul(omega, group["lr"] * reg2, out=scratch)
+    p.addcmul_(c, theta_star)  # v + c theta*
+    p.div_(c.add_(1.0))
 
 
 class OmegaUpdate(Optimizer):

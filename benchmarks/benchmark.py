@@ -2,6 +2,7 @@
 
     python3 benchmarks/benchmark.py                 # all sections, a few minutes on 2 CPU cores
     python3 benchmarks/benchmark.py --only step     # one section: step, importance or digits
+    python3 benchmarks/benchmark.py --only step --batch_sizes 64 --rounds 3   # a quick check
 
 Variants are alternated in rounds and the median time of each is reported, so a slow
 moment of the machine hits every variant alike. Sections:
@@ -10,6 +11,8 @@ moment of the machine hits every variant alike. Sections:
   LocalSgd with the MAS penalty (Eq. 3, added locally) vs torch.optim.SGD with the same
   momentum (no penalty), and vs the penalty as an autograd loss term (how Avalanche and
   FACIL add it). Targets: LocalSgd / SGD <= 1.15 at batch 8 and <= 1.05 at batch 64.
+  Also LocalSgd's proximal penalty step (``penalty_step="proximal"``) against its default
+  explicit step, both compiled; target: proximal / explicit <= 1.05 at batch 64.
 - importance: images per second of the importance pass on AlexNet (64x64, batch 64):
   the exact per-sample estimator vs the batch estimator (target >= 0.8x) and vs a
   batch-size-1 loop, the only exact route before (target >= 20x).
@@ -97,6 +100,10 @@ def _step_variants(batch_size: int) -> dict[str, Callable[[], None]]:
     make("torch.optim.SGD (no penalty)", sgd)
     make("LocalSgd + MAS penalty", lambda m: LocalSgd(trainable_parameters(m).values(), LR, REG_LAMBDA, MOMENTUM))
     make(
+        "LocalSgd, proximal penalty step",
+        lambda m: LocalSgd(trainable_parameters(m).values(), LR, REG_LAMBDA, MOMENTUM, penalty_step="proximal"),
+    )
+    make(
         "LocalSgd eager (no compiler)",
         lambda m: LocalSgd(trainable_parameters(m).values(), LR, REG_LAMBDA, MOMENTUM, fused="eager"),
     )
@@ -104,14 +111,18 @@ def _step_variants(batch_size: int) -> dict[str, Callable[[], None]]:
     return variants
 
 
-def bench_step(rounds: int) -> list[str]:
+def bench_step(rounds: int, batch_sizes: list[int]) -> list[str]:
     lines = ["## Training step, AlexNet 64x64 (seconds per step, median)", ""]
     lines += ["| batch | variant | s/step | vs SGD |", "| ---: | --- | ---: | ---: |"]
-    for batch_size, repeat in ((8, 4), (64, 1)):
+    proximal_ratios = []
+    for batch_size in batch_sizes:
+        repeat = max(1, 32 // batch_size)  # small batches: several steps per timing
         times = alternate(_step_variants(batch_size), rounds, repeat)
         base = times["torch.optim.SGD (no penalty)"]
         lines += [f"| {batch_size} | {name} | {t:.4f} | {t / base:.2f}x |" for name, t in times.items()]
-    return lines
+        ratio = times["LocalSgd, proximal penalty step"] / times["LocalSgd + MAS penalty"]
+        proximal_ratios.append(f"proximal / explicit penalty step at batch {batch_size}: {ratio:.3f}x")
+    return [*lines, "", *proximal_ratios, "(target: <= 1.05x at batch 64)"]
 
 
 def bench_importance(rounds: int) -> list[str]:
@@ -179,11 +190,20 @@ def main(argv: list[str] | None = None) -> str:
         help="run one section (default: %(default)s, i.e. all)",
     )
     parser.add_argument("--rounds", type=int, default=5, help="alternation rounds per section (default: %(default)s)")
+    parser.add_argument(
+        "--batch_sizes",
+        type=int,
+        nargs="+",
+        default=[8, 64],
+        help="batch sizes of the step section (default: %(default)s)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     args = parser.parse_args(argv)
+    if min(args.batch_sizes) < 1:
+        parser.error(f"--batch_sizes must be positive integers, got {args.batch_sizes}")
     torch.set_num_threads(args.threads)
     sections = {
-        "step": lambda: bench_step(args.rounds),
+        "step": lambda: bench_step(args.rounds, args.batch_sizes),
         "importance": lambda: bench_importance(args.rounds),
         "digits": bench_digits,
     }

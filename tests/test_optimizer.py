@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -183,3 +184,146 @@ def test_omega_update_is_the_mean_over_samples_of_abs_batch_gradients():
     assert torch.equal(theta.detach(), torch.zeros(4))
     with pytest.raises(ValueError):
         opt.step(batch_size=0)
+
+
+# --- penalty_step="proximal" (issue 11) ---
+
+
+def _one_param(values, dtype=torch.float64) -> nn.Parameter:
+    return nn.Parameter(torch.tensor(values, dtype=dtype))
+
+
+def _proximal_by_hand(theta, g, buf, omega, theta_star, lr, reg_lambda, momentum, weight_decay):
+    """buf <- m buf + g + wd theta (no penalty), v = theta - lr buf, theta <- (v + c theta*) / (1 + c)."""
+    buf = momentum * buf + g + weight_decay * theta
+    v = theta - lr * buf
+    c = 2 * lr * reg_lambda * omega
+    return (v + c * theta_star) / (1 + c), buf
+
+
+@pytest.mark.parametrize("fused", ["eager", "compile"])
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 0.05), (0.0, 0.05)])
+def test_proximal_step_matches_hand_computation(fused, momentum, weight_decay):
+    theta = _one_param([1.0, -2.0, 0.5, 3.0, 0.0, -0.25])
+    omega = torch.tensor([0.0, 1.0, 4.0, 250.0, 2.0, 0.5], dtype=torch.float64)
+    theta_star = torch.tensor([0.5, 0.0, -1.0, 2.0, 1.0, -0.25], dtype=torch.float64)
+    g = torch.tensor([0.3, -1.0, 2.0, 0.0, -0.5, 1.5], dtype=torch.float64)
+    buf0 = torch.tensor([0.1, 0.2, -0.3, 0.4, -0.5, 0.6], dtype=torch.float64)
+    lr, reg_lambda = 0.1, 0.7  # c = 0.14 * Omega, up to 35: far beyond the explicit step's limit
+    opt = LocalSgd([theta], lr, reg_lambda, momentum, weight_decay, fused=fused, penalty_step="proximal")
+    opt.set_importance(theta, omega, theta_star)
+    if momentum > 0:
+        opt.state[theta]["momentum_buffer"] = buf0.clone()
+    expected, expected_buf = _proximal_by_hand(
+        theta.detach().clone(),
+        g,
+        buf0 if momentum > 0 else 0.0,
+        omega,
+        theta_star,
+        lr,
+        reg_lambda,
+        momentum,
+        weight_decay,
+    )
+    theta.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(theta.detach(), expected, rtol=1e-14, atol=1e-15)
+    if momentum > 0:  # the buffer holds the data gradient (and weight decay) only
+        torch.testing.assert_close(opt.state[theta]["momentum_buffer"], expected_buf, rtol=1e-14, atol=1e-15)
+    # A second step with a new learning rate: same arithmetic, and on the compiled path no recompilation.
+    opt.param_groups[0]["lr"] = lr = 0.03
+    buf = opt.state[theta]["momentum_buffer"].clone() if momentum > 0 else 0.0
+    expected, _ = _proximal_by_hand(
+        theta.detach().clone(), g, buf, omega, theta_star, lr, reg_lambda, momentum, weight_decay
+    )
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        opt.step()
+    torch.testing.assert_close(theta.detach(), expected, rtol=1e-14, atol=1e-15)
+
+
+def _first_step(penalty_step: str, lr: float) -> torch.Tensor:
+    theta = _one_param([1.0, -2.0, 0.5, 3.0])
+    opt = LocalSgd([theta], lr, reg_lambda=2.0, momentum=0.9, weight_decay=0.1, penalty_step=penalty_step)
+    opt.set_importance(
+        theta, torch.tensor([1.0, 3.0, 0.5, 2.0], dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    )
+    theta.grad = torch.tensor([0.5, -1.0, 2.0, 1.0], dtype=torch.float64)
+    opt.step()
+    return theta.detach()
+
+
+def test_proximal_step_approaches_the_explicit_step_as_c_squared():
+    # Both are first-order steps on the same gradient flow; with c = 2 lr lambda Omega -> 0 (lr -> 0)
+    # they differ by O(c^2). From a zero momentum buffer, with d = g + wd theta and v = theta - lr d,
+    # proximal - explicit = (c^2 (theta - theta*) + c lr d) / (1 + c), which is lr^2 times a constant
+    # over 1 + c: halving lr (and so c) divides it by 4 (1 + c/2) / (1 + c), about 4 here (c <= 1.2e-2).
+    diffs = [(_first_step("proximal", lr) - _first_step("explicit", lr)).norm().item() for lr in (1e-3, 5e-4)]
+    assert diffs[1] > 0
+    assert diffs[0] / diffs[1] == pytest.approx(4.0, rel=0.01)
+
+
+def _quadratic_run(penalty_step: str, momentum: float, steps: int, lr: float, curvature: float, omega: float):
+    """Minimise  curvature / 2 (theta - 1)^2  (data)  +  0.5 * omega * theta^2  (penalty, theta* = 0)."""
+    theta = _one_param([3.0])
+    opt = LocalSgd([theta], lr, reg_lambda=0.5, momentum=momentum, fused="eager", penalty_step=penalty_step)
+    opt.set_importance(theta, torch.tensor([omega], dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    for _ in range(steps):
+        theta.grad = curvature * (theta.detach() - 1.0)
+        opt.step()
+    return theta.detach().item()
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_proximal_converges_where_explicit_diverges_on_a_stiff_penalty(momentum):
+    lr, curvature, omega = 0.1, 1.0, 1e7  # lr * 2 lambda Omega = 1e6
+    # Closed form of argmin  (theta - 1)^2 / 2 + (1 - m) lambda Omega theta^2  (see LocalSgd's docstring).
+    minimiser = curvature / (curvature + (1 - momentum) * omega)
+    assert _quadratic_run("proximal", momentum, 200, lr, curvature, omega) == pytest.approx(minimiser, rel=1e-9)
+    explicit = _quadratic_run("explicit", momentum, 30, lr, curvature, omega)
+    assert not math.isfinite(explicit) or abs(explicit) > 1e100
+
+
+def test_proximal_with_momentum_weakens_the_penalty_by_one_minus_momentum():
+    # A well-conditioned case where both steps converge: explicit reaches the minimiser of Eq. 3,
+    # proximal with momentum m that of the data loss plus (1 - m) times the penalty.
+    lr, curvature, omega, momentum = 0.1, 1.0, 4.0, 0.9
+    explicit = _quadratic_run("explicit", momentum, 1000, lr, curvature, omega)
+    proximal = _quadratic_run("proximal", momentum, 1000, lr, curvature, omega)
+    assert explicit == pytest.approx(curvature / (curvature + omega), rel=1e-9)
+    assert proximal == pytest.approx(curvature / (curvature + (1 - momentum) * omega), rel=1e-9)
+
+
+def test_proximal_path_integral_uses_data_gradient_and_full_change():
+    theta = _one_param([1.0, -2.0])
+    opt = LocalSgd([theta], lr=0.5, reg_lambda=1.0, penalty_step="proximal", fused="eager")
+    opt.set_importance(theta, torch.tensor([2.0, 0.0], dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    opt.start_path_integral(theta)
+    g = torch.tensor([0.4, -0.2], dtype=torch.float64)
+    theta.grad = g.clone()
+    opt.step()
+    # c = 2 * 0.5 * 1 * Omega = (2, 0): theta_new = (theta - 0.5 g) / (1 + c) = (0.8 / 3, -1.9)
+    delta = torch.tensor([0.8 / 3 - 1.0, 0.1], dtype=torch.float64)
+    torch.testing.assert_close(opt.state[theta]["path_integral"], -g * delta, rtol=1e-14, atol=1e-15)
+
+
+def test_state_dict_round_trip_keeps_penalty_step():
+    theta = _one_param([1.0])
+    saved = LocalSgd([theta], lr=0.1, reg_lambda=1.0, penalty_step="proximal").state_dict()
+    opt = LocalSgd([theta], lr=0.1, reg_lambda=1.0)
+    opt.load_state_dict(copy.deepcopy(saved))
+    assert opt.param_groups[0]["penalty_step"] == "proximal"
+    del saved["param_groups"][0]["penalty_step"]  # a state_dict from before the option existed
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["penalty_step"] == "explicit"
+
+
+def test_invalid_penalty_step_is_refused():
+    with pytest.raises(ValueError, match=r"penalty_step must be one of \('explicit', 'proximal'\), got 'implicit'"):
+        LocalSgd([_one_param([1.0])], lr=0.1, penalty_step="implicit")
+    theta = _one_param([1.0])
+    opt = LocalSgd([theta], lr=0.1, reg_lambda=1.0)
+    opt.set_importance(theta, torch.ones(1), torch.zeros(1))
+    opt.param_groups[0]["penalty_step"] = "Proximal"  # changed after construction: refused at the step
+    theta.grad = torch.zeros_like(theta)
+    with pytest.raises(ValueError, match="penalty_step"):
+        opt.step()
