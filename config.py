@@ -21,6 +21,7 @@ from typing import Any
 
 import methods
 from model_class import ARCHS
+from optimizer_lib import PENALTY_STEPS
 from utils import UserError
 from utils.cli import OneLineParser, at_least, positive_float, seed, unit_interval
 from utils.data_utils import data_fingerprint, read_manifest
@@ -64,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=names,
         default="mas",
         help="; ".join(f"{n}: {methods.method_class(n).summary}" for n in names) + " (default: %(default)s)",
+    )
+    p.add_argument(
+        "--penalty_step",
+        choices=PENALTY_STEPS,
+        default="explicit",
+        help="explicit: add the penalty's gradient to the SGD step (the paper, the authors' code); proximal: "
+        "apply the penalty by its exact proximal map after the data step, stable for any lambda (default: %(default)s)",
     )
     p.add_argument(
         "--data_dir", default="Data", help="task folders and manifest from data_prep.py (default: %(default)s)"
@@ -128,6 +136,7 @@ class RunConfig:
     init_lr: float
     reg_lambda: float
     method: str
+    penalty_step: str
     data_dir: str
     models_dir: str
     arch: str

@@ -145,6 +145,7 @@ def _optimizer(model: TaskModel, config: RunConfig, checkpoint: dict | None) -> 
         reg_lambda=config.reg_lambda,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
+        penalty_step=config.penalty_step,
     )
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])

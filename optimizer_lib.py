@@ -36,7 +36,7 @@ def _penalised_sgd(params, grads, bufs, omegas, theta_stars, lr, momentum, weigh
 
     explicit: SGD on  g + weight_decay * theta + reg2 * Omega * (theta - theta*).
     proximal: SGD on  g + weight_decay * theta, giving v, then the proximal map of the penalty
-    (see LocalSgd), theta <- (v + c theta*) / (1 + c) with c = lr * reg2 * Omega.
+    (see LocalSgd), theta <- (v + c theta*) / (1 + c) with c = lr * reg2 * Omega / (1 - momentum).
     Written per element so that the compiler fuses it into one read of
     (theta, g, buf, Omega, theta*) and one write of (theta, buf) per parameter. ``proximal``
     is a Python bool: the compiler specialises on it (one graph per mode, compiled on first use).
@@ -44,7 +44,7 @@ def _penalised_sgd(params, grads, bufs, omegas, theta_stars, lr, momentum, weigh
     for p, g, buf, omega, theta_star in zip(params, grads, bufs, omegas, theta_stars):
         if proximal:
             buf.mul_(momentum).add_(g + weight_decay * p)
-            c = lr * reg2 * omega
+            c = lr / (1 - momentum) * reg2 * omega
             p.copy_((p - lr * buf + c * theta_star) / (1 + c))
         else:
             d_p = g + weight_decay * p + reg2 * omega * (p - theta_star)
@@ -93,19 +93,21 @@ class LocalSgd(Optimizer):
       momentum buffer. On the penalty's curvature k = 2 * reg_lambda * Omega this is stable only
       while lr * k < 2 (1 + m).
     - ``"proximal"``: an SGD step on the data alone, buf <- m * buf + g + wd * theta and
-      v = theta - lr * buf, then the exact proximal map of the penalty with step lr,
-      theta <- (v + c * theta*) / (1 + c),  c = 2 * lr * reg_lambda * Omega  (elementwise).
-      It differs from the authors' step in two ways. (1) It is implicit in the penalty: the pull
-      is taken at the new point, theta_new = v - lr * k * (theta_new - theta*), so without data
-      gradient theta - theta* shrinks by 1 / (1 + c) per step, monotone and stable for any lr,
-      reg_lambda and Omega >= 0 (the explicit step multiplies it by 1 - c). For small c it equals
-      the explicit pull applied at v, v - c (v - theta*), up to c^2 / (1 + c) * (v - theta*).
-      (2) The penalty never enters the momentum buffer. With m > 0 the explicit pull is carried on
-      by the buffer (total weight lr / (1 - m)) while the proximal pull acts once (weight lr), so
-      the fixed points differ: explicit stops where g + wd * theta + k (theta - theta*) = 0, the
-      stationary points of Eq. 3; proximal where g + wd * theta + (1 - m) k (theta - theta*) = 0,
-      i.e. as if reg_lambda were (1 - m) * reg_lambda (a tenth of it at m = 0.9). With m = 0 both
-      have the stationary points of Eq. 3.
+      v = theta - lr * buf, then the exact proximal map of the penalty with the step
+      eta = lr / (1 - m), the effective step of heavy-ball momentum on a steady gradient:
+      theta <- (v + c * theta*) / (1 + c),  c = 2 * eta * reg_lambda * Omega = eta * k  (elementwise).
+      Derivation: prox(v) = argmin_u reg_lambda Omega (u - theta*)^2 + (u - v)^2 / (2 eta); the
+      derivative 2 reg_lambda Omega (u - theta*) + (u - v) / eta vanishes at u (1 + c) = v + c theta*.
+      How it differs from the authors' step: (1) the pull is implicit, taken at the new point, so
+      without data gradient theta - theta* shrinks by 1 / (1 + c) per step, monotone and stable for
+      any lr, reg_lambda and Omega >= 0 (the explicit step multiplies it by 1 - lr * k). For m = 0 and
+      small c it equals the explicit pull applied at v, v - c (v - theta*), up to c^2 / (1 + c) * (v - theta*).
+      (2) The penalty never enters the momentum buffer; where the explicit pull is carried on by the
+      buffer (total weight lr / (1 - m)), the proximal pull acts once with that same weight eta, so
+      both steps stop at the same points: where g + wd * theta + k (theta - theta*) = 0, the
+      stationary points of Eq. 3, and ``reg_lambda`` means the same penalty with either step.
+      (With c = 2 lr reg_lambda Omega instead, the fixed point would be that of (1 - m) * reg_lambda,
+      a tenth of the penalty at the default m = 0.9.)
     """
 
     def __init__(
@@ -266,18 +268,15 @@ def _eager_explicit_step(p, g, omega, theta_star, buf, d_p, group: dict, reg2: f
 
 
 def _eager_proximal_step(p, g, omega, theta_star, buf, scratch, group: dict, reg2: float) -> None:
-    """SGD on g + wd theta, giving v, then the proximal map of lambda Omega (theta - theta*)^2 with step lr.
-
-    prox(v) = argmin_u  lambda Omega (u - theta*)^2 + (u - v)^2 / (2 lr): the objective is a convex
-    quadratic in u, so its minimiser is where the derivative vanishes,
-    2 lambda Omega (u - theta*) + (u - v) / lr = 0  <=>  u (1 + c) = v + c theta*,  c = 2 lr lambda Omega,
-    hence u = (v + c theta*) / (1 + c), elementwise. ``scratch`` holds g + wd theta, then c.
-    """
+    """SGD on g + wd theta, giving v, then the proximal map of lambda Omega (theta - theta*)^2 with step
+    eta = lr / (1 - m) (see LocalSgd): u = (v + c theta*) / (1 + c), c = 2 eta lambda Omega, elementwise.
+    ``scratch`` holds g + wd theta, then c."""
     d_p = torch.add(g, p, alpha=group["weight_decay"], out=scratch) if group["weight_decay"] > 0 else g
     if buf is not None:
         d_p = buf.mul_(group["momentum"]).add_(d_p)
     p.add_(d_p, alpha=-group["lr"])  # v = theta - lr * buf
-    c = torch.mul(omega, group["lr"] * reg2, out=scratch)
+    eta = group["lr"] / (1.0 - group["momentum"])  # the effective step of heavy-ball momentum
+    c = torch.mul(omega, eta * reg2, out=scratch)
     p.addcmul_(c, theta_star)  # v + c theta*
     p.div_(c.add_(1.0))
 

@@ -63,16 +63,14 @@ from pathlib import Path
 import torch
 from torchvision import datasets
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from data_prep import main as data_prep
+from main import main as run_main
+from model_class import MLP_HIDDEN, MlpTrunk
+from model_train import seed_everything
+from utils.cli import at_least
+from utils.data_utils import build_transforms, image_loader, read_manifest, task_dirs
 
-from data_prep import _positive_int  # noqa: E402
-from data_prep import main as data_prep  # noqa: E402
-from main import _at_least  # noqa: E402
-from main import main as run_main  # noqa: E402
-from model_class import MLP_HIDDEN, MlpTrunk  # noqa: E402
-from model_train import seed_everything  # noqa: E402
-from utils.data_utils import build_transforms, image_loader, read_manifest, task_dirs  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 LR, MOMENTUM, WEIGHT_DECAY, BATCH_SIZE = 0.02, 0.9, 0.0, 8
 AVALANCHE_STRATEGY = {"finetune": "Naive", "mas": "MAS"}
@@ -266,11 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--rounds",
-        type=_positive_int,
+        type=at_least(1, int),
         default=3,
         help="alternated rounds, round r with seed r - 1 (default: %(default)s)",
     )
-    p.add_argument("--epochs", type=_positive_int, default=10, help="epochs per task (default: %(default)s)")
+    p.add_argument("--epochs", type=at_least(1, int), default=10, help="epochs per task (default: %(default)s)")
     p.add_argument(
         "--methods",
         nargs="+",
@@ -280,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--reg_lambda",
-        type=_at_least(0.0),
+        type=at_least(0.0),
         default=1.0,
         help="lambda of both MAS implementations (default: %(default)s)",
     )

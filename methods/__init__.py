@@ -94,7 +94,7 @@ class Method:
     def _warn_if_unstable(self, reg_params: RegParams) -> None:
         """SGD with momentum m is stable on a quadratic of curvature h only while lr * h < 2 (1 + m)."""
         config = self.config
-        if getattr(config, "penalty_step", "explicit") != "explicit":
+        if config.penalty_step != "explicit":
             return  # the proximal step is stable at any stiffness
         stiffness = penalty_stiffness(reg_params, config.init_lr, config.reg_lambda)
         limit = 2.0 * (1.0 + config.momentum)

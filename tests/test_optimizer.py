@@ -194,10 +194,11 @@ def _one_param(values, dtype=torch.float64) -> nn.Parameter:
 
 
 def _proximal_by_hand(theta, g, buf, omega, theta_star, lr, reg_lambda, momentum, weight_decay):
-    """buf <- m buf + g + wd theta (no penalty), v = theta - lr buf, theta <- (v + c theta*) / (1 + c)."""
+    """buf <- m buf + g + wd theta (no penalty), v = theta - lr buf, theta <- (v + c theta*) / (1 + c)
+    with c = 2 lr / (1 - m) lambda Omega."""
     buf = momentum * buf + g + weight_decay * theta
     v = theta - lr * buf
-    c = 2 * lr * reg_lambda * omega
+    c = 2 * lr / (1 - momentum) * reg_lambda * omega
     return (v + c * theta_star) / (1 + c), buf
 
 
@@ -243,7 +244,7 @@ def test_proximal_step_matches_hand_computation(fused, momentum, weight_decay):
 
 def _first_step(penalty_step: str, lr: float) -> torch.Tensor:
     theta = _one_param([1.0, -2.0, 0.5, 3.0])
-    opt = LocalSgd([theta], lr, reg_lambda=2.0, momentum=0.9, weight_decay=0.1, penalty_step=penalty_step)
+    opt = LocalSgd([theta], lr, reg_lambda=2.0, momentum=0.0, weight_decay=0.1, penalty_step=penalty_step)
     opt.set_importance(
         theta, torch.tensor([1.0, 3.0, 0.5, 2.0], dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
     )
@@ -253,8 +254,8 @@ def _first_step(penalty_step: str, lr: float) -> torch.Tensor:
 
 
 def test_proximal_step_approaches_the_explicit_step_as_c_squared():
-    # Both are first-order steps on the same gradient flow; with c = 2 lr lambda Omega -> 0 (lr -> 0)
-    # they differ by O(c^2). From a zero momentum buffer, with d = g + wd theta and v = theta - lr d,
+    # Both are first-order steps on the same gradient flow; without momentum, with c = 2 lr lambda Omega
+    # -> 0 (lr -> 0) they differ by O(c^2). with d = g + wd theta and v = theta - lr d,
     # proximal - explicit = (c^2 (theta - theta*) + c lr d) / (1 + c), which is lr^2 times a constant
     # over 1 + c: halving lr (and so c) divides it by 4 (1 + c/2) / (1 + c), about 4 here (c <= 1.2e-2).
     diffs = [(_first_step("proximal", lr) - _first_step("explicit", lr)).norm().item() for lr in (1e-3, 5e-4)]
@@ -276,21 +277,21 @@ def _quadratic_run(penalty_step: str, momentum: float, steps: int, lr: float, cu
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_proximal_converges_where_explicit_diverges_on_a_stiff_penalty(momentum):
     lr, curvature, omega = 0.1, 1.0, 1e7  # lr * 2 lambda Omega = 1e6
-    # Closed form of argmin  (theta - 1)^2 / 2 + (1 - m) lambda Omega theta^2  (see LocalSgd's docstring).
-    minimiser = curvature / (curvature + (1 - momentum) * omega)
+    # Closed form of argmin  (theta - 1)^2 / 2 + lambda Omega theta^2  (Eq. 3 with lambda = 0.5).
+    minimiser = curvature / (curvature + omega)
     assert _quadratic_run("proximal", momentum, 200, lr, curvature, omega) == pytest.approx(minimiser, rel=1e-9)
     explicit = _quadratic_run("explicit", momentum, 30, lr, curvature, omega)
     assert not math.isfinite(explicit) or abs(explicit) > 1e100
 
 
-def test_proximal_with_momentum_weakens_the_penalty_by_one_minus_momentum():
-    # A well-conditioned case where both steps converge: explicit reaches the minimiser of Eq. 3,
-    # proximal with momentum m that of the data loss plus (1 - m) times the penalty.
+def test_proximal_and_explicit_reach_the_same_minimiser_with_momentum():
+    # A well-conditioned case where both steps converge: with the proximal step taken with the
+    # effective step lr / (1 - m), both reach the minimiser of Eq. 3 (the penalty is not weakened).
     lr, curvature, omega, momentum = 0.1, 1.0, 4.0, 0.9
     explicit = _quadratic_run("explicit", momentum, 1000, lr, curvature, omega)
     proximal = _quadratic_run("proximal", momentum, 1000, lr, curvature, omega)
     assert explicit == pytest.approx(curvature / (curvature + omega), rel=1e-9)
-    assert proximal == pytest.approx(curvature / (curvature + (1 - momentum) * omega), rel=1e-9)
+    assert proximal == pytest.approx(curvature / (curvature + omega), rel=1e-9)
 
 
 def test_proximal_path_integral_uses_data_gradient_and_full_change():
