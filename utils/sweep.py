@@ -529,21 +529,21 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     """Average accuracy against average forgetting, one labelled point per row, error bars = std."""
     from utils.plot import _save, plt  # matplotlib (Agg) only here
 
-    fig, ax = plt.subplots(figsize=(8, 6))
-    for row in rows:
-        if row["average_accuracy_mean"] is None:
-            continue
+    fig, ax = plt.subplots(figsize=(9.6, 6))
+    markers = "osD^v<>ph*"
+    for k, row in enumerate(r for r in rows if r["average_accuracy_mean"] is not None):
         x, y = row["average_forgetting_mean"], row["average_accuracy_mean"]
-        ax.errorbar(
-            x, y, xerr=row["average_forgetting_std"] or 0, yerr=row["average_accuracy_std"] or 0, fmt="o", capsize=3
-        )
         label = row["method"] if row["reg_lambda"] is None else f"{row['method']}, lambda={row['reg_lambda']:g}"
+        xerr, yerr = row["average_forgetting_std"] or 0, row["average_accuracy_std"] or 0
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers[k % len(markers)], capsize=3, label=label)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize="small")
     ax.set_xlabel("average forgetting (pp)")
     ax.set_ylabel("average accuracy (%)")
     ax.set_title("mean ± std over seeds")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    if ax.get_legend_handles_labels()[0]:  # the legend tells apart points that fall on each other
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.subplots_adjust(left=0.08, right=0.68, bottom=0.1, top=0.92)
     return _save(fig, path)
 
 
