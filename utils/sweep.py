@@ -1,0 +1,674 @@
+"""Sweeps: a grid of ``main.py`` runs (method x reg_lambda x seed), resumable, tabulated and plotted.
+
+    python3 -m utils.sweep --methods mas ewc si finetune --reg_lambda 0.01 0.1 1 10 --seeds 0 1 2 -- --num_epochs 30
+
+Every run is its own ``python3 main.py`` process (run from the repository root) with the flags after
+``--``, then the method's own flags, ``--method``, ``--reg_lambda``, ``--seed`` and
+``--models_dir <out>/runs/<run>``; its output goes to ``<out>/logs/<run>.log``; relative paths
+in the flags after ``--`` are relative to the repository root. ``finetune`` has no penalty, so it
+runs once per seed whatever the lambdas. At the end ``<out>`` holds ``table.csv``, ``table.md``,
+``plot.png`` (average accuracy against average forgetting) and ``sweep.json`` (the grid and every
+run's status and metrics; a sweep with another grid into the same folder adds to it).
+
+A run whose ``results.json`` is complete is skipped; one that diverged (``results.json`` holds
+``"diverged"``: the training loss became NaN or infinite) is final and reported as such; an
+unfinished one (an incomplete ``results.json`` or a ``checkpoint.pth``) continues with
+``--resume``. A finished run made with other arguments (say, other flags after ``--``) stops the
+sweep before anything runs, so runs are never mixed.
+
+With ``--select_seeds``, every (method, lambda) first runs on the selection seeds; per method the
+lambda with the best mean average accuracy is kept (ties: lower mean average forgetting, then
+the smaller lambda; a lambda that diverged on a selection seed is excluded) and only that one runs
+on ``--seeds``. Tables report, per (method, lambda), the mean and sample standard deviation over
+seeds of the metrics of ``results.json`` (average accuracy, average forgetting, backward
+transfer; see utils/results.py), over the runs that finished without diverging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import csv
+import hashlib
+import io
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from main import _given_flags, _pp, build_parser
+from main import parse_args as parse_main_args
+from mas import METHODS
+from utils import UserError
+from utils.checkpoint import CHECKPOINT, argument_differences, run_arguments
+from utils.io_utils import load_json, save_json, save_text
+from utils.results import load_results
+
+ROOT = Path(__file__).resolve().parents[1]  # the folder that holds main.py: the runs' working directory
+MAIN = ROOT / "main.py"
+METRICS = ("average_accuracy", "average_forgetting", "backward_transfer")
+METRIC_TITLES = ("average accuracy (%)", "average forgetting (pp)", "backward transfer (pp)")
+RECORD = "sweep.json"
+SET_BY_THE_SWEEP = {
+    "models_dir": "every run gets its own folder <out>/runs/<run>",
+    "resume": "the sweep resumes unfinished runs by itself",
+    "overwrite": "the sweep decides when a run folder starts afresh; delete <out>/runs/<run> to redo a run",
+    "method": "give methods with --methods",
+    "reg_lambda": "give values with --reg_lambda",
+    "seed": "give seeds with --seeds (and --select_seeds)",
+}
+FINAL = ("complete", "diverged")
+
+
+class FlagError(UserError):
+    """A malformed or forbidden flag: exit code 2, as argparse."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One --methods entry: a method name and extra main.py flags; ``label`` is the entry as given."""
+
+    label: str
+    name: str
+    flags: tuple[str, ...]
+
+    @property
+    def uses_lambda(self) -> bool:
+        return self.name != "finetune"  # no penalty: reg_lambda changes nothing
+
+
+@dataclass(frozen=True)
+class Run:
+    method: Method
+    reg_lambda: float | None  # None: finetune
+    seed: int
+
+    @property
+    def slug(self) -> str:
+        """The run's folder and log name, e.g. ``mas_lam0.1_seed0``."""
+        label = re.sub(r"[^A-Za-z0-9.]+", "_", self.method.label).strip("_")
+        if label != self.method.label:  # keep labels that differ only in punctuation apart
+            label += "-" + hashlib.sha1(self.method.label.encode()).hexdigest()[:6]
+        lam = "" if self.reg_lambda is None else f"_lam{self.reg_lambda!r}"
+        return f"{label}{lam}_seed{self.seed}"
+
+    def main_argv(self, tail: list[str], out: Path) -> list[str]:
+        """main.py's flags: the common ones, the method's own (which win), then what the grid sets."""
+        lam = [] if self.reg_lambda is None else ["--reg_lambda", repr(self.reg_lambda)]
+        models_dir = str(out / "runs" / self.slug)
+        return [*tail, *self.method.flags, "--method", self.method.name, *lam, "--seed", str(self.seed)] + [
+            "--models_dir",
+            models_dir,
+        ]
+
+
+def grid(methods: list[Method], lambdas: list[float], seeds: list[int]) -> list[Run]:
+    return [
+        Run(method, reg_lambda, seed)
+        for method in methods
+        for reg_lambda in (lambdas if method.uses_lambda else [None])
+        for seed in seeds
+    ]
+
+
+# ---------------------------------------------------------------- flags
+
+
+def check_main_flags(words: list[str], where: str) -> None:
+    """``words`` must be valid main.py flags that leave the sweep's own flags alone."""
+    if "-h" in words or "--help" in words:
+        raise FlagError(f"{where}: --help is not a run flag; see python3 main.py --help")
+    parser = build_parser()
+
+    def refuse(message: str):
+        raise FlagError(f"{where}: {message}")
+
+    parser.error = refuse  # one line through the sweep, not main.py's usage exit
+    given = _given_flags(parser, words)
+    for dest, reason in SET_BY_THE_SWEEP.items():
+        if dest in given:
+            raise FlagError(f"{where}: --{dest} is set by the sweep ({reason}); remove it")
+
+
+def parse_method(entry: str) -> Method:
+    try:
+        words = shlex.split(entry)
+    except ValueError as err:
+        raise FlagError(f"--methods {entry!r}: {err}") from None
+    if not words or words[0] not in METHODS:
+        raise FlagError(f"--methods {entry!r}: the first word must be a method, one of {', '.join(METHODS)}")
+    check_main_flags(words[1:], f"--methods {entry!r}")
+    return Method(entry.strip(), words[0], tuple(words[1:]))
+
+
+def _lambda(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _jobs(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        self.exit(2, f"error: {message} (see python3 -m utils.sweep --help; main.py's flags go after --)\n")
+
+
+def build_sweep_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python3 -m utils.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["mas"],
+        help='method names, each optionally with its own main.py flags in one quoted word, e.g. "mas '
+        '--omega_estimator per_sample"; the word is the row label (default: %(default)s)',
+    )
+    p.add_argument("--reg_lambda", nargs="+", type=_lambda, default=[0.01], help="lambdas (default: %(default)s)")
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="seeds of the reported runs (default: %(default)s)"
+    )
+    p.add_argument(
+        "--select_seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="choose each method's lambda on these seeds first, then run only that lambda on --seeds "
+        "(default: %(default)s, i.e. report every lambda)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_jobs,
+        default=1,
+        help="runs at a time, each its own process; give each fewer threads, e.g. OMP_NUM_THREADS "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="the sweep's folder (default: %(default)s, i.e. sweeps/<hash of the main.py flags>, so that "
+        "the same command continues the same sweep)",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors (default: %(default)s)")
+    return p
+
+
+def _no_repeats(values: list, flag: str) -> None:
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise FlagError(f"{flag} lists {value} twice")
+        seen.add(value)
+
+
+def parse_sweep_args(argv: list[str]) -> tuple[argparse.Namespace, list[Method], list[str]]:
+    """The sweep's flags, its methods, and the main.py flags after ``--``."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = build_sweep_parser().parse_args(argv[:cut])
+    tail = argv[cut + 1 :]
+    check_main_flags(tail, "the main.py flags after --")
+    methods = [parse_method(entry) for entry in args.methods]
+    _no_repeats([m.label for m in methods], "--methods")
+    _no_repeats(args.reg_lambda, "--reg_lambda")
+    _no_repeats(args.seeds, "--seeds")
+    _no_repeats(args.select_seeds or [], "--select_seeds")
+    if args.out is None:
+        args.out = str(Path("sweeps") / hashlib.sha1(shlex.join(tail).encode()).hexdigest()[:10])
+    return args, methods, tail
+
+
+# ---------------------------------------------------------------- runs
+
+
+@contextlib.contextmanager
+def _at_root() -> Iterator[None]:
+    """main.py reads its paths (--data_dir) from the repository root, where the runs start."""
+    previous = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def run_state(folder: Path, expected_args: dict[str, Any]) -> str:
+    """complete, diverged, resume (an unfinished run), overwrite (leftovers, nothing to resume) or fresh."""
+    results = load_results(folder)
+    if results is not None:
+        differences = argument_differences(results["args"], expected_args)
+        if differences:
+            raise UserError(
+                f"{folder} holds a run made with other arguments ({'; '.join(differences)}); "
+                "give another --out, or delete that folder to redo the run"
+            )
+        if "diverged" in results:
+            return "diverged"
+        return "complete" if results.get("complete") else "resume"
+    if (folder / CHECKPOINT).exists():
+        return "resume"  # main.py --resume compares the checkpoint's arguments itself
+    return "overwrite" if folder.is_dir() and any(folder.iterdir()) else "fresh"
+
+
+class Launcher:
+    """Starts main.py processes (from several threads) and interrupts them all on Ctrl-C."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def run(self, command: list[str], log_path: Path) -> tuple[int | None, str]:
+        """Exit code and last stderr line; (None, "") if the sweep was interrupted before the start."""
+        with open(log_path, "a", encoding="utf-8") as log:
+            with self._lock:
+                if self.stopping:
+                    return None, ""
+                log.write(f"$ {shlex.join(command)}\n")
+                log.flush()
+                env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # stdout and stderr interleave in the log as printed
+                # A session of its own: Ctrl-C reaches the sweep only, which passes it on once (stop()).
+                process = subprocess.Popen(
+                    command,
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    errors="replace",
+                    start_new_session=True,
+                )
+                self._running.add(process)
+            try:
+                return self._follow(process, log)
+            finally:
+                with self._lock:
+                    self._running.discard(process)
+
+    @staticmethod
+    def _follow(process: subprocess.Popen, log) -> tuple[int, str]:
+        """Copy the process's stderr into its log; its exit code and last non-empty stderr line."""
+        last = ""
+        for line in process.stderr:
+            log.write(line)
+            log.flush()
+            shown = [part.strip() for part in line.split("\r") if part.strip()]  # tqdm redraws with \r
+            last = shown[-1] if shown else last
+        return process.wait(), last
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopping = True
+            for process in self._running:
+                process.send_signal(signal.SIGINT)  # main.py saves what it has and exits with 130
+
+
+@dataclass
+class Sweep:
+    out: Path
+    tail: list[str]
+    jobs: int
+    record: dict[str, Any]
+    launcher: Launcher
+    entries: list[dict[str, Any]]  # the entries of the runs of this invocation
+
+    def save(self) -> None:
+        save_json(self.record, self.out / RECORD)
+
+
+def _metrics(results: dict[str, Any]) -> dict[str, float]:
+    return {key: results[key] for key in (*METRICS, "average_forgetting_max")}
+
+
+def run_entry(run: Run, status: str, action: str, results: dict | None, **extra: Any) -> dict[str, Any]:
+    """What sweep.json keeps of a run."""
+    return {
+        "method": run.method.label,
+        "reg_lambda": run.reg_lambda,
+        "seed": run.seed,
+        "status": status,
+        "action": action,
+        "metrics": _metrics(results) if status == "complete" else None,
+        "diverged": results.get("diverged") if results else None,
+        "models_dir": f"runs/{run.slug}",
+        "log": f"logs/{run.slug}.log",
+        **extra,
+    }
+
+
+def finished_entry(sweep: Sweep, run: Run, action: str, returncode: int | None, last_line: str, seconds: float):
+    results = load_results(sweep.out / "runs" / run.slug)
+    if results is not None and "diverged" in results:
+        status, error = "diverged", None
+    elif results is not None and results.get("complete"):  # final, even if a signal came at the exit
+        status, error = "complete", None
+    elif sweep.launcher.stopping:
+        status, error = "interrupted", "the sweep was interrupted"
+        action = action if returncode is not None else "not started"
+    else:
+        status, error = "failed", last_line or f"main.py exited with code {returncode}"
+    return run_entry(run, status, action, results, returncode=returncode, error=error, seconds=round(seconds, 3))
+
+
+def _summary(entry: dict[str, Any]) -> str:
+    if entry["status"] == "complete":
+        m = entry["metrics"]
+        text = f"complete: accuracy {m['average_accuracy']:.2f} %, forgetting {m['average_forgetting']:.2f} pp"
+    elif entry["status"] == "diverged":
+        text = f"diverged in task {entry['diverged']['task']}"
+    else:
+        text = f"{entry['status']}: {entry['error']} (log: {entry['log']})"
+    if entry["action"] == "skipped":
+        return f"{text} (finished earlier, skipped)"
+    return f"{text} ({entry['action']}, {entry['seconds']:.1f} s)"
+
+
+class Progress:
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+
+    def line(self, run: Run, entry: dict[str, Any]) -> None:
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {run.slug}: {_summary(entry)}", flush=True)
+
+
+def plan_runs(sweep: Sweep, runs: list[Run]) -> list[tuple[Run, list[str], str]]:
+    """Each run's main.py flags and state; refuses before anything runs if a stored run differs."""
+    plans = []
+    with _at_root():
+        for run in runs:
+            argv = run.main_argv(sweep.tail, sweep.out)
+            expected = run_arguments(parse_main_args(argv)[0])
+            plans.append((run, argv, run_state(sweep.out / "runs" / run.slug, expected)))
+    return plans
+
+
+def _execute(sweep: Sweep, run: Run, argv: list[str], state: str) -> tuple[int | None, str, float]:
+    flag = {"resume": ["--resume"], "overwrite": ["--overwrite"]}.get(state, [])
+    tic = time.perf_counter()
+    returncode, last_line = sweep.launcher.run(
+        [sys.executable, str(MAIN), *argv, *flag], sweep.out / "logs" / f"{run.slug}.log"
+    )
+    return returncode, last_line, time.perf_counter() - tic
+
+
+def launch(sweep: Sweep, plans: list[tuple[Run, list[str], str]], progress: Progress) -> dict[str, dict]:
+    """Run ``plans`` ``sweep.jobs`` at a time; on Ctrl-C interrupt them, record them, and re-raise."""
+    entries: dict[str, dict] = {}
+
+    def record(future: concurrent.futures.Future, run: Run, state: str) -> None:
+        action = "resumed" if state == "resume" else "ran"
+        entries[run.slug] = entry = finished_entry(sweep, run, action, *future.result())
+        sweep.record["runs"][run.slug] = entry
+        sweep.save()
+        progress.line(run, entry)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=sweep.jobs) as pool:
+        futures = {pool.submit(_execute, sweep, run, argv, state): (run, state) for run, argv, state in plans}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                record(future, *futures[future])
+        except KeyboardInterrupt:
+            sweep.launcher.stop()
+            for future, (run, state) in futures.items():
+                if run.slug not in entries:
+                    concurrent.futures.wait([future])
+                    record(future, run, state)
+            raise
+    return entries
+
+
+def run_phase(sweep: Sweep, phase: str, runs: list[Run]) -> list[dict[str, Any]]:
+    """Every run of ``runs``, skipping the finished ones; their sweep.json entries, in order."""
+    plans = plan_runs(sweep, runs)
+    todo = [plan for plan in plans if plan[2] not in FINAL]
+    print(f"{phase}: {len(runs)} runs, {len(runs) - len(todo)} finished earlier, {len(todo)} to run", flush=True)
+    progress = Progress(len(runs))
+    entries = {}
+    for run, _, state in plans:
+        if state in FINAL:
+            results = load_results(sweep.out / "runs" / run.slug)
+            entries[run.slug] = sweep.record["runs"][run.slug] = run_entry(run, state, "skipped", results)
+            progress.line(run, entries[run.slug])
+    entries.update(launch(sweep, todo, progress))
+    sweep.save()
+    sweep.entries += [entries[run.slug] for run in runs]
+    return [entries[run.slug] for run in runs]
+
+
+# ---------------------------------------------------------------- tables
+
+
+def table_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method label, lambda): counts, and mean and sample std over the complete runs."""
+    groups: dict[tuple[str, float | None], list[dict]] = {}
+    for entry in entries:
+        groups.setdefault((entry["method"], entry["reg_lambda"]), []).append(entry)
+    rows = []
+    for (label, reg_lambda), group in groups.items():
+        complete = [e for e in group if e["status"] == "complete"]
+        diverged = sum(e["status"] == "diverged" for e in group)
+        row = {"method": label, "reg_lambda": reg_lambda, "runs": len(group), "complete": len(complete)}
+        row.update(diverged=diverged, failed=len(group) - len(complete) - diverged)
+        for key in METRICS:
+            values = [e["metrics"][key] for e in complete]
+            row[f"{key}_mean"] = statistics.mean(values) if values else None
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        rows.append(row)
+    return rows
+
+
+def choose_lambdas(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Per method: the best mean average accuracy, then the lower mean average forgetting, then the
+    smaller lambda, among the lambdas whose selection runs all finished without diverging."""
+    chosen: dict[str, float | None] = {}
+    for label in dict.fromkeys(row["method"] for row in rows):
+        candidates = [r for r in rows if r["method"] == label and r["complete"] == r["runs"]]
+        best = min(
+            candidates,
+            key=lambda r: (-r["average_accuracy_mean"], r["average_forgetting_mean"], r["reg_lambda"]),
+            default=None,
+        )
+        chosen[label] = None if best is None else best["reg_lambda"]
+    return chosen
+
+
+def _lambda_text(reg_lambda: float | None, exact: bool = False) -> str:
+    if reg_lambda is None:
+        return "-"
+    return repr(reg_lambda) if exact else f"{reg_lambda:g}"
+
+
+def table_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["method"], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        cells = {k: "" if v is None else repr(v) if isinstance(v, float) else v for k, v in row.items()}
+        writer.writerow({**cells, "reg_lambda": _lambda_text(row["reg_lambda"], exact=True)})
+    return buffer.getvalue()
+
+
+def _mean_std(row: dict[str, Any], key: str) -> str:
+    mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+    if mean is None:
+        return ""
+    return _pp(mean) if std is None else f"{_pp(mean)} ± {_pp(std)}"
+
+
+def table_md(rows: list[dict[str, Any]], notes: list[str]) -> str:
+    extra = ["chosen"] if rows and "chosen" in rows[0] else []
+    header = ["method", "reg_lambda", "runs", "complete", "diverged", "failed", *METRIC_TITLES, *extra]
+    align = ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", *["---"] * len(extra)]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    for row in rows:
+        cells = [row["method"].replace("|", "\\|"), _lambda_text(row["reg_lambda"])]
+        cells += [str(row[k]) for k in ("runs", "complete", "diverged", "failed")]
+        cells += [_mean_std(row, key) for key in METRICS] + (["yes" if row["chosen"] else ""] if extra else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join([*lines, *(f"\n{note}" for note in notes)]) + "\n"
+
+
+def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Average accuracy against average forgetting, one labelled point per row, error bars = std."""
+    from utils.plot import _save, plt  # matplotlib (Agg) only here
+
+    fig, ax = plt.subplots(figsize=(9.6, 6))
+    markers = "osD^v<>ph*"
+    for k, row in enumerate(r for r in rows if r["average_accuracy_mean"] is not None):
+        x, y = row["average_forgetting_mean"], row["average_accuracy_mean"]
+        label = row["method"] if row["reg_lambda"] is None else f"{row['method']}, lambda={row['reg_lambda']:g}"
+        xerr, yerr = row["average_forgetting_std"] or 0, row["average_accuracy_std"] or 0
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers[k % len(markers)], capsize=3, label=label)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize="small")
+    ax.set_xlabel("average forgetting (pp)")
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title("mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:  # the legend tells apart points that fall on each other
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.subplots_adjust(left=0.08, right=0.68, bottom=0.1, top=0.92)
+    return _save(fig, path)
+
+
+def write_table(out: Path, name: str, rows: list[dict[str, Any]], notes: list[str]) -> list[Path]:
+    paths = [out / f"{name}.csv", out / f"{name}.md"]
+    save_text(table_csv(rows), paths[0])
+    save_text(table_md(rows, notes), paths[1])
+    return paths
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def load_record(out: Path) -> dict[str, Any]:
+    path = out / RECORD
+    if not path.exists():
+        return {"format": 1, "invocations": [], "runs": {}}
+    record = load_json(path)
+    if not isinstance(record, dict) or record.get("format") != 1 or not isinstance(record.get("runs"), dict):
+        raise UserError(f"{path} is not a sweep record of this program; give another --out")
+    return record
+
+
+def open_sweep(args: argparse.Namespace, methods: list[Method], tail: list[str], argv: list[str]) -> Sweep:
+    out = Path(args.out).absolute()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out} exists and is not a folder")
+    try:
+        for folder in (out / "runs", out / "logs"):
+            folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot use --out {args.out}: {err.strerror or err}") from err
+    record = load_record(out)
+    record["grid"] = {
+        "methods": [m.label for m in methods],
+        "reg_lambda": args.reg_lambda,
+        "seeds": args.seeds,
+        "select_seeds": args.select_seeds,
+        "main_flags": tail,
+    }
+    record["invocations"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": argv, "jobs": args.jobs})
+    return Sweep(out, tail, args.jobs, record, Launcher(), [])
+
+
+def select(sweep: Sweep, args: argparse.Namespace, methods: list[Method]) -> tuple[list[Run], list[str]]:
+    """The selection phase; the runs of the report, and notes on the methods left without a lambda."""
+    tuned = [m for m in methods if m.uses_lambda]
+    rows = table_rows(run_phase(sweep, "selection", grid(tuned, args.reg_lambda, args.select_seeds)))
+    chosen = choose_lambdas(rows)
+    for row in rows:
+        row["chosen"] = row["reg_lambda"] == chosen[row["method"]]
+    sweep.record["selection"] = {"seeds": args.select_seeds, "chosen": chosen, "table": rows}
+    notes = [
+        f"{label}: no lambda chosen: every lambda diverged or failed on the selection seeds"
+        for label, reg_lambda in chosen.items()
+        if reg_lambda is None
+    ]
+    write_table(sweep.out, "selection_table", rows, notes)
+    runs = []
+    for method in methods:
+        if not method.uses_lambda or chosen[method.label] is not None:
+            runs += grid([method], [chosen.get(method.label)], args.seeds)
+    return runs, notes
+
+
+def _thread_advice(jobs: int) -> None:
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        share = max(1, (os.cpu_count() or 1) // jobs)
+        print(
+            f"note: {jobs} runs at a time, each with PyTorch's default number of threads (all cores); "
+            f"consider OMP_NUM_THREADS={share} python3 -m utils.sweep ...",
+            flush=True,
+        )
+
+
+def check_data(args: argparse.Namespace, methods: list[Method], tail: list[str]) -> None:
+    """main.py's own checks of the flags against the data (missing data, bad manifest), before any folder is made."""
+    with _at_root():
+        for method in methods:
+            parse_main_args(Run(method, args.reg_lambda[0], args.seeds[0]).main_argv(tail, Path(args.out)))
+
+
+def sweep_main(argv: list[str]) -> list[dict[str, Any]]:
+    args, methods, tail = parse_sweep_args(argv)
+    check_data(args, methods, tail)
+    sweep = open_sweep(args, methods, tail, argv)
+    print(f"sweep folder: {args.out}", flush=True)
+    _thread_advice(args.jobs)
+    notes: list[str] = []
+    if args.select_seeds:
+        runs, notes = select(sweep, args, methods)
+    else:
+        runs = grid(methods, args.reg_lambda, args.seeds)
+    rows = table_rows(run_phase(sweep, "report", runs))
+    sweep.record["table"] = rows
+    sweep.save()
+    written = write_table(sweep.out, "table", rows, notes) + [write_plot(rows, sweep.out / "plot.png")]
+    print(table_md(rows, notes), end="")
+    print(f"wrote {', '.join(p.name for p in written)}, {RECORD} in {args.out}")
+    failed = [entry for entry in sweep.entries if entry["status"] not in FINAL]
+    if failed:
+        raise UserError(
+            f"{len(failed)} of {len(sweep.entries)} runs failed ({failed[0]['log']}: {failed[0]['error']}); "
+            "rerun the same command to retry them"
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the sweep of ``argv`` and return the rows of its table."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv[: argv.index("--") if "--" in argv else len(argv)]
+    try:
+        return sweep_main(argv)
+    except UserError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(err, FlagError) else 1) from None
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished runs are kept and unfinished ones resume: rerun the same command", file=sys.stderr
+        )
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()
