@@ -168,10 +168,11 @@ class RunConfig:
         return dict(sorted(arguments.items()))
 
 
-def _given_flags(parser: argparse.ArgumentParser, argv: list[str], builtin: dict[str, Any]) -> dict[str, Any]:
+def given_flags(argv: list[str], parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
     """The flags set on the command line: argparse leaves a namespace's existing attributes alone
     unless a flag sets them, so every attribute still holding the marker was not given."""
-    namespace = argparse.Namespace(**dict.fromkeys(builtin, _NOT_GIVEN))
+    parser = parser or build_parser()
+    namespace = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), _NOT_GIVEN))
     parsed = vars(parser.parse_args(argv, namespace))
     return {k: v for k, v in parsed.items() if v is not _NOT_GIVEN}
 
@@ -208,7 +209,7 @@ def parse_config(argv: list[str]) -> RunConfig:
     """The run's configuration: command line > manifest defaults > built-in defaults."""
     parser = build_parser()
     builtin = vars(parser.parse_args([]))
-    given = _given_flags(parser, argv, builtin)  # --help and malformed flags stop here
+    given = given_flags(argv, parser)  # --help and malformed flags stop here
     manifest = read_manifest(given.get("data_dir", builtin["data_dir"]))
     path = Path(given.get("data_dir", builtin["data_dir"])) / "manifest.json"
     defaults = manifest_defaults(manifest, builtin, path)

@@ -29,7 +29,7 @@ from utils import Diverged, UserError
 from utils.checkpoint import CHECKPOINT, argument_differences, load_checkpoint, remove_checkpoint
 from utils.data_utils import make_task_data, task_dirs
 from utils.model_utils import SHARED_MODEL
-from utils.results import MATRIX_CSV, RESULTS, load_results, new_results, record_task, save_results
+from utils.results import MATRIX_CSV, RESULTS, format_pp, load_results, new_results, record_task, save_results
 
 RUN_FILES = {RESULTS, MATRIX_CSV, CHECKPOINT, SHARED_MODEL, REG_PARAMS, "plots"}
 TASK_DIR = re.compile(r"^Task_\d+$")
@@ -45,10 +45,6 @@ def select_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda")
 
 
-def _pp(value: float) -> str:
-    return f"{round(value, 2) + 0.0:.2f}"  # + 0.0: never print -0.00
-
-
 def format_table(rows: list[ForgettingRow]) -> str:
     rule = "-----+--------------------+---------+----------------"
     lines = ["Task | after training (%) | now (%) | forgetting (pp)", rule]
@@ -57,7 +53,8 @@ def format_table(rows: list[ForgettingRow]) -> str:
     for label, row in [*((str(r.task), r) for r in rows), ("avg", mean)]:
         if label == "avg":
             lines.append(rule)
-        lines.append(f"{label:>4} | {_pp(row.after_training):>18} | {_pp(row.now):>7} | {_pp(row.forgetting):>15}")
+        after, now, forgetting = (format_pp(v) for v in (row.after_training, row.now, row.forgetting))
+        lines.append(f"{label:>4} | {after:>18} | {now:>7} | {forgetting:>15}")
     return "\n".join(lines)
 
 
@@ -197,7 +194,7 @@ def run(config: RunConfig) -> dict:
         rows = compute_forgetting(state, tasks, device)
         save_results(results, config.models_dir)  # mends a CSV that a crash left behind results.json
     print(format_table(rows))
-    print(f"average accuracy: {_pp(sum(r.now for r in rows) / len(rows))} %")
+    print(f"average accuracy: {format_pp(sum(r.now for r in rows) / len(rows))} %")
     if config.plot:
         from utils.plot import run_label, write_plots  # matplotlib only when asked for
 

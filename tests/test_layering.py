@@ -20,7 +20,7 @@ LAYERS = [
     "mas",
     "main",
 ]
-TOOLS = {"data_prep": len(LAYERS)}  # command-line tools on top of utils
+TOOLS = {"data_prep": len(LAYERS), "sweep": len(LAYERS)}  # command-line tools on top
 MAX_LINES = 45
 LONG_ALLOWED = {"build_parser"}  # argparse builders: one statement per flag
 

@@ -1,4 +1,4 @@
-"""utils/sweep.py: real main.py processes on a tiny generated sequence (2 tasks, 2 epochs).
+"""sweep.py: real main.py processes on a tiny generated sequence (2 tasks, 2 epochs).
 
 The runs are shared: one sweep with --jobs 2 (mas at a stable and a diverging lambda, finetune),
 reused by the table, rerun and selection tests, so the file stays within a few dozen runs' time.
@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from conftest import ROOT, write_dataset
-from utils.sweep import choose_lambdas
-from utils.sweep import main as sweep
+from sweep import choose_lambdas
+from sweep import main as sweep
 
 EPOCHS = ["--num_epochs", "2", "--batch_size", "4"]
 STABLE, DIVERGING = 0.1, 1e30  # 1e30: the penalty's SGD step explodes in task 2 (checked below)
@@ -262,7 +262,7 @@ def test_missing_data_is_one_error_line_with_exit_1(tmp_path, capsys):
 
 
 def test_the_default_folder_depends_on_the_main_py_flags_only(tmp_path, monkeypatch):
-    from utils.sweep import parse_sweep_args
+    from sweep import parse_sweep_args
 
     monkeypatch.chdir(tmp_path)
     first = parse_sweep_args(["--seeds", "0", "--", "--num_epochs", "2"])[0].out

@@ -40,7 +40,8 @@ def run_label(results: dict[str, Any]) -> str:
     return results.get("label", results["method"])
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG atomically and close it."""
     with atomic_open(path) as handle:
         fig.savefig(handle, format="png", dpi=DPI)
     plt.close(fig)
@@ -64,7 +65,7 @@ def plot_accuracy_matrix(results: dict[str, Any], path: Path, title: str | None 
     ax.set_title(title or f"test accuracy (%): {run_label(results)}")
     fig.colorbar(image, ax=ax, label="accuracy (%)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def before_after(results: dict[str, Any]) -> tuple[list[float], list[float | None]]:
@@ -90,7 +91,7 @@ def plot_before_after(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Pat
     ax.set_title("right after training each task (light) vs at the end of the sequence (solid)")
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.subplots_adjust(left=0.07, right=0.68, bottom=0.1, top=0.92)  # room for the legend on the right
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_plots(runs: list[tuple[str, dict[str, Any]]], out: Path) -> list[Path]:

@@ -106,6 +106,11 @@ def summarize(matrix: list[list[float | None]]) -> dict[str, float | None]:
     }
 
 
+def format_pp(value: float) -> str:
+    """A percentage (or percentage points) with two decimals, never "-0.00"."""
+    return f"{round(value, 2) + 0.0:.2f}"
+
+
 def matrix_csv(results: dict[str, Any]) -> str:
     names = results["task_names"]
     lines = ["after_task," + ",".join(names)]

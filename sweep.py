@@ -1,6 +1,6 @@
 """Sweeps: a grid of ``main.py`` runs (method x reg_lambda x seed), resumable, tabulated and plotted.
 
-    python3 -m utils.sweep --methods mas ewc si finetune --reg_lambda 0.01 0.1 1 10 --seeds 0 1 2 -- --num_epochs 30
+    python3 sweep.py --methods mas ewc si finetune --reg_lambda 0.01 0.1 1 10 --seeds 0 1 2 -- --num_epochs 30
 
 Every run is its own ``python3 main.py`` process (run from the repository root) with the flags after
 ``--``, then the method's own flags, ``--method``, ``--reg_lambda``, ``--seed`` and
@@ -46,15 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from main import _given_flags, _pp, build_parser
-from main import parse_args as parse_main_args
-from mas import METHODS
+from config import build_parser, given_flags, parse_config
+from methods import method_class, method_names
 from utils import UserError
-from utils.checkpoint import CHECKPOINT, argument_differences, run_arguments
+from utils.checkpoint import CHECKPOINT, argument_differences
 from utils.io_utils import load_json, save_json, save_text
-from utils.results import load_results
+from utils.results import format_pp, load_results
 
-ROOT = Path(__file__).resolve().parents[1]  # the folder that holds main.py: the runs' working directory
+ROOT = Path(__file__).resolve().parent  # the folder that holds main.py: the runs' working directory
 MAIN = ROOT / "main.py"
 METRICS = ("average_accuracy", "average_forgetting", "backward_transfer")
 METRIC_TITLES = ("average accuracy (%)", "average forgetting (pp)", "backward transfer (pp)")
@@ -84,7 +83,7 @@ class Method:
 
     @property
     def uses_lambda(self) -> bool:
-        return self.name != "finetune"  # no penalty: reg_lambda changes nothing
+        return method_class(self.name).penalised  # no penalty (finetune): reg_lambda changes nothing
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ def check_main_flags(words: list[str], where: str) -> None:
         raise FlagError(f"{where}: {message}")
 
     parser.error = refuse  # one line through the sweep, not main.py's usage exit
-    given = _given_flags(parser, words)
+    given = given_flags(words, parser)
     for dest, reason in SET_BY_THE_SWEEP.items():
         if dest in given:
             raise FlagError(f"{where}: --{dest} is set by the sweep ({reason}); remove it")
@@ -145,8 +144,8 @@ def parse_method(entry: str) -> Method:
         words = shlex.split(entry)
     except ValueError as err:
         raise FlagError(f"--methods {entry!r}: {err}") from None
-    if not words or words[0] not in METHODS:
-        raise FlagError(f"--methods {entry!r}: the first word must be a method, one of {', '.join(METHODS)}")
+    if not words or words[0] not in method_names():
+        raise FlagError(f"--methods {entry!r}: the first word must be a method, one of {', '.join(method_names())}")
     check_main_flags(words[1:], f"--methods {entry!r}")
     return Method(entry.strip(), words[0], tuple(words[1:]))
 
@@ -167,13 +166,11 @@ def _jobs(text: str) -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage block
-        self.exit(2, f"error: {message} (see python3 -m utils.sweep --help; main.py's flags go after --)\n")
+        self.exit(2, f"error: {message} (see python3 sweep.py --help; main.py's flags go after --)\n")
 
 
 def build_sweep_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python3 -m utils.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = _Parser(prog="python3 sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--methods",
         nargs="+",
@@ -394,7 +391,7 @@ def plan_runs(sweep: Sweep, runs: list[Run]) -> list[tuple[Run, list[str], str]]
     with _at_root():
         for run in runs:
             argv = run.main_argv(sweep.tail, sweep.out)
-            expected = run_arguments(parse_main_args(argv)[0])
+            expected = parse_config(argv).recorded()
             plans.append((run, argv, run_state(sweep.out / "runs" / run.slug, expected)))
     return plans
 
@@ -509,7 +506,7 @@ def _mean_std(row: dict[str, Any], key: str) -> str:
     mean, std = row[f"{key}_mean"], row[f"{key}_std"]
     if mean is None:
         return ""
-    return _pp(mean) if std is None else f"{_pp(mean)} ± {_pp(std)}"
+    return format_pp(mean) if std is None else f"{format_pp(mean)} ± {format_pp(std)}"
 
 
 def table_md(rows: list[dict[str, Any]], notes: list[str]) -> str:
@@ -527,7 +524,7 @@ def table_md(rows: list[dict[str, Any]], notes: list[str]) -> str:
 
 def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     """Average accuracy against average forgetting, one labelled point per row, error bars = std."""
-    from utils.plot import _save, plt  # matplotlib (Agg) only here
+    from utils.plot import plt, save_figure  # matplotlib (Agg) only here
 
     fig, ax = plt.subplots(figsize=(9.6, 6))
     markers = "osD^v<>ph*"
@@ -544,7 +541,7 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     if ax.get_legend_handles_labels()[0]:  # the legend tells apart points that fall on each other
         ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.subplots_adjust(left=0.08, right=0.68, bottom=0.1, top=0.92)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_table(out: Path, name: str, rows: list[dict[str, Any]], notes: list[str]) -> list[Path]:
@@ -614,7 +611,7 @@ def _thread_advice(jobs: int) -> None:
         share = max(1, (os.cpu_count() or 1) // jobs)
         print(
             f"note: {jobs} runs at a time, each with PyTorch's default number of threads (all cores); "
-            f"consider OMP_NUM_THREADS={share} python3 -m utils.sweep ...",
+            f"consider OMP_NUM_THREADS={share} python3 sweep.py ...",
             flush=True,
         )
 
@@ -623,7 +620,7 @@ def check_data(args: argparse.Namespace, methods: list[Method], tail: list[str])
     """main.py's own checks of the flags against the data (missing data, bad manifest), before any folder is made."""
     with _at_root():
         for method in methods:
-            parse_main_args(Run(method, args.reg_lambda[0], args.seeds[0]).main_argv(tail, Path(args.out)))
+            parse_config(Run(method, args.reg_lambda[0], args.seeds[0]).main_argv(tail, Path(args.out)))
 
 
 def sweep_main(argv: list[str]) -> list[dict[str, Any]]:
