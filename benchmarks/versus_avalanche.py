@@ -276,12 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(AVALANCHE_STRATEGY),
         help="pairs to run: finetune (vs Naive) and/or mas (vs MAS) (default: %(default)s)",
     )
-    p.add_argument(
-        "--reg_lambda",
-        type=at_least(0.0),
-        default=1.0,
-        help="lambda of both MAS implementations (default: %(default)s)",
-    )
+    lam_help = "lambda of both MAS implementations (default: %(default)s)"
+    p.add_argument("--reg_lambda", type=at_least(0.0), default=1.0, help=lam_help)
     return p
 
 
