@@ -9,13 +9,8 @@ Omega (theta - theta*)^2  (Eq. 3), with Omega measured after every task (Eq. 2, 
 
 from __future__ import annotations
 
-import argparse
-import os
-import re
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,15 +19,12 @@ import torch
 from config import RunConfig, parse_config
 from mas import ForgettingRow, RunState, compute_forgetting, mas_train
 from methods import method_class
-from reg_params import REG_PARAMS
-from utils import Diverged, UserError
+from utils import Diverged, UserError, interrupt
 from utils.checkpoint import CHECKPOINT, argument_differences, load_checkpoint, remove_checkpoint
 from utils.data_utils import make_task_data, task_dirs
-from utils.model_utils import SHARED_MODEL
-from utils.results import MATRIX_CSV, RESULTS, format_pp, load_results, new_results, record_task, save_results
-
-RUN_FILES = {RESULTS, MATRIX_CSV, CHECKPOINT, SHARED_MODEL, REG_PARAMS, "plots"}
-TASK_DIR = re.compile(r"^Task_\d+$")
+from utils.model_utils import pretrained_alexnet_state
+from utils.results import RESULTS, format_pp, load_results, new_results, record_task, save_results
+from utils.run_folder import check_models_dir, remove_previous_run, remove_stale_temporaries, run_artefacts
 
 
 def select_device(use_gpu: bool) -> torch.device:
@@ -58,41 +50,6 @@ def format_table(rows: list[ForgettingRow]) -> str:
     return "\n".join(lines)
 
 
-def _previous_run(models_dir: Path) -> list[str]:
-    """Artefacts of an earlier run in ``models_dir``."""
-    if not models_dir.is_dir():
-        return []
-    return sorted(p.name for p in models_dir.iterdir() if p.name in RUN_FILES or TASK_DIR.match(p.name))
-
-
-def _remove_previous_run(models_dir: Path) -> None:
-    """--overwrite: delete the earlier run's artefacts (only files and folders this program writes)."""
-    for name in _previous_run(models_dir):
-        path = models_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-def _check_models_dir(models_dir: Path) -> None:
-    if models_dir.exists() and not models_dir.is_dir():
-        raise UserError(f"--models_dir {models_dir} exists and is not a folder")
-    try:
-        models_dir.mkdir(parents=True, exist_ok=True)
-        os.listdir(models_dir)
-        with tempfile.TemporaryFile(dir=models_dir):
-            pass
-    except OSError as err:
-        raise UserError(f"cannot use --models_dir {models_dir}: {err.strerror or err}") from err
-
-
-def _remove_stale_temporaries(models_dir: Path) -> None:
-    """Temporary files of writes that a crash interrupted (the files they would have replaced are intact)."""
-    for path in [*models_dir.glob(".*.tmp"), *models_dir.glob("Task_*/.*.tmp")]:
-        path.unlink(missing_ok=True)
-
-
 def _resume_run(config: RunConfig, models_dir: Path) -> tuple[RunState, dict | None]:
     results = load_results(models_dir)
     checkpoint = load_checkpoint(models_dir)
@@ -104,7 +61,7 @@ def _resume_run(config: RunConfig, models_dir: Path) -> tuple[RunState, dict | N
     differences = argument_differences(stored, config.recorded())
     if differences:
         raise UserError(f"--resume with arguments that differ from the run in {models_dir}: " + "; ".join(differences))
-    _remove_stale_temporaries(models_dir)
+    remove_stale_temporaries(models_dir)
     state = RunState(config, results if results is not None else _new_results(config))
     state.load_finished(models_dir)
     if checkpoint is not None and checkpoint["task"] <= state.finished:
@@ -119,20 +76,19 @@ def _new_results(config: RunConfig) -> dict:
 def open_run(config: RunConfig) -> tuple[RunState, dict | None]:
     """The run so far and the checkpoint of an unfinished task (``--resume``), or a fresh run."""
     models_dir = Path(config.models_dir)
-    previous = _previous_run(models_dir)
-    _check_models_dir(models_dir)
     if config.resume and config.overwrite:
         raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
+    check_models_dir(models_dir, Path(config.data_dir))
     if config.resume:
         return _resume_run(config, models_dir)
+    previous = run_artefacts(models_dir)
+    if previous and not config.overwrite:
+        shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
+        raise UserError(
+            f"{models_dir} holds a previous run ({shown}); pass --resume to continue it or --overwrite to replace it"
+        )
     if previous:
-        if not config.overwrite:
-            shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
-            raise UserError(
-                f"{models_dir} holds a previous run ({shown}); "
-                "pass --resume to continue it or --overwrite to replace it"
-            )
-        _remove_previous_run(models_dir)
+        remove_previous_run(models_dir)
     return RunState(config, _new_results(config)), None
 
 
@@ -170,15 +126,14 @@ def _train_task(state: RunState, task_no: int, task, device: torch.device, check
         raise
 
 
-def run(config: RunConfig) -> dict:
-    device = select_device(config.use_gpu)
-    tasks = _load_tasks(config)
-    state, checkpoint = open_run(config)
-    results, rows = state.results, None
+def _train_tasks(state: RunState, tasks: list, device: torch.device, checkpoint: dict | None) -> list | None:
+    """Train the unfinished tasks; the last forgetting rows computed (None if no task ran)."""
+    config, rows = state.config, None
     for task_no, task in enumerate(tasks, start=1):
         if task_no <= state.finished:
             print(f"== {task.name}: finished in the interrupted run, kept ==")
             continue
+        interrupt.check()
         resume = checkpoint if checkpoint is not None and checkpoint["task"] == task_no else None
         resumed = f", resuming after epoch {resume['epoch'] + 1}" if resume else ""
         print(f"== {task.name}: {len(task.classes)} classes, {len(task.train.dataset)} training images{resumed} ==")
@@ -187,25 +142,51 @@ def run(config: RunConfig) -> dict:
         evaluate_now = config.eval_every_task or task_no == len(tasks)
         rows = compute_forgetting(state, tasks[:task_no], device) if evaluate_now else None
         entry = _task_entry(task_no, task, result, time.perf_counter() - tic, resume is not None)
-        record_task(results, entry, [r.now for r in rows] if rows else None)
-        save_results(results, config.models_dir)
+        record_task(state.results, entry, [r.now for r in rows] if rows else None)
+        save_results(state.results, config.models_dir)
         remove_checkpoint(config.models_dir)
-    if rows is None:  # every task finished in an earlier run: only score them
-        rows = compute_forgetting(state, tasks, device)
-        save_results(results, config.models_dir)  # mends a CSV that a crash left behind results.json
+    return rows
+
+
+def _report(config: RunConfig, results: dict, rows: list[ForgettingRow]) -> dict:
+    """Print the table and the averages, write the plots; the results with the forgetting rows."""
     print(format_table(rows))
-    print(f"average accuracy: {format_pp(sum(r.now for r in rows) / len(rows))} %")
+    average = {
+        "average_forgetting": _mean([r.forgetting for r in rows]),
+        "average_forgetting_previous": _mean([r.forgetting for r in rows[:-1]]),
+        "average_accuracy": _mean([r.now for r in rows]),
+    }
+    print(f"average accuracy: {format_pp(average['average_accuracy'])} %")
+    if len(rows) > 1:
+        print(
+            f"average forgetting of tasks 1-{len(rows) - 1} (the avg line counts the last task too): "
+            f"{format_pp(average['average_forgetting_previous'])} pp"
+        )
     if config.plot:
         from utils.plot import run_label, write_plots  # matplotlib only when asked for
 
         for path in write_plots([(run_label(results), results)], Path(config.models_dir) / "plots"):
             print(f"wrote {path}")
-    return {
-        **results,
-        "forgetting": [vars(r) for r in rows],
-        "average_forgetting": sum(r.forgetting for r in rows) / len(rows),
-        "average_accuracy": sum(r.now for r in rows) / len(rows),
-    }
+    return {**results, "forgetting": [vars(r) for r in rows], **average}
+
+
+def run(config: RunConfig) -> dict:
+    device = select_device(config.use_gpu)
+    tasks = _load_tasks(config)
+    if config.pretrained and config.arch == "alexnet" and not config.resume:
+        with interrupt.raise_at_once():  # nothing is saved yet: stop the download at once
+            pretrained_alexnet_state()  # into torch.hub's cache before anything is created
+    interrupt.check()
+    state, checkpoint = open_run(config)
+    rows = _train_tasks(state, tasks, device, checkpoint)
+    if rows is None:  # every task finished in an earlier run: only score them
+        rows = compute_forgetting(state, tasks, device)
+        save_results(state.results, config.models_dir)  # mends a CSV that a crash left behind results.json
+    return _report(config, state.results, rows)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
 
 
 def _one_line(err: Exception) -> str:
@@ -219,17 +200,19 @@ def _one_line(err: Exception) -> str:
     return " ".join(lines)
 
 
-def _interrupted_message(argv: list[str]) -> str:
-    """What Ctrl-C leaves, and the command that continues from it."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--models_dir", default="models")
-    models_dir = Path(pre.parse_known_args(argv)[0].models_dir)
-    kept = [a for a in argv if a not in ("--resume", "--overwrite")]
-    if not ((models_dir / RESULTS).exists() or (models_dir / CHECKPOINT).exists()):
+def _without_resume_flags(argv: list[str]) -> list[str]:
+    """argv without --resume and --overwrite (or the prefixes of them that argparse accepts)."""
+    return [a for a in argv if not (len(a) >= 5 and ("--resume".startswith(a) or "--overwrite".startswith(a)))]
+
+
+def _interrupted_message(argv: list[str], config: RunConfig | None) -> str:
+    """What Ctrl-C (or SIGTERM) leaves, and the command that continues from it."""
+    models_dir = Path(config.models_dir) if config is not None else None
+    if models_dir is None or not ((models_dir / RESULTS).exists() or (models_dir / CHECKPOINT).exists()):
         return "interrupted before anything was saved; start again with\n  " + " ".join(
             ["python3 main.py", *map(shlex.quote, argv)]
         )
-    command = " ".join(["python3 main.py", *map(shlex.quote, kept), "--resume"])
+    command = " ".join(["python3 main.py", *map(shlex.quote, _without_resume_flags(argv)), "--resume"])
     return f"interrupted: finished tasks and the last epoch's checkpoint are intact; continue with\n  {command}"
 
 
@@ -237,15 +220,18 @@ def main(argv: list[str] | None = None) -> dict:
     """Parse ``argv``, train every task, print and return the results."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    config = None
     try:
-        return run(parse_config(argv))
+        config = parse_config(argv)
+        with interrupt.stop_at_safe_points():
+            return run(config)
     except UserError as err:
         if debug:
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print("\n" + _interrupted_message(argv), file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM, at a safe point (utils/interrupt.py)
+        print("\n" + _interrupted_message(argv, config), file=sys.stderr)
         raise SystemExit(130) from None
 
 

@@ -35,7 +35,7 @@ from reg_params import (
     load_reg_params,
     save_reg_params,
 )
-from utils.checkpoint import restore_rng, save_checkpoint
+from utils.checkpoint import CHECKPOINT, check_optimizer_state, restore_rng, save_checkpoint
 from utils.data_utils import TaskData
 from utils.model_utils import (
     check_tensors,
@@ -129,9 +129,10 @@ def _start_task(state: RunState, task_no: int, task: TaskData, checkpoint: dict 
         shared.load_state_dict(state.shared.state_dict())
     model = TaskModel(shared, build_head(shared, len(task.classes)))
     if checkpoint is not None:
-        check_tensors(checkpoint["model"], model.state_dict(), "the checkpoint's model")
+        where = checkpoint_path(state.config)
+        check_tensors(checkpoint["model"], model.state_dict(), f"{where}: the model")
         model.load_state_dict(checkpoint["model"])
-        check_reg_params(checkpoint["reg_params"], shared, "the checkpoint's reg_params")
+        check_reg_params(checkpoint["reg_params"], shared, f"{where}: reg_params")
         return model, checkpoint["reg_params"]
     if task_no == 1:
         return model, init_reg_params(shared)
@@ -139,8 +140,11 @@ def _start_task(state: RunState, task_no: int, task: TaskData, checkpoint: dict 
 
 
 def _optimizer(model: TaskModel, config: RunConfig, checkpoint: dict | None) -> LocalSgd:
+    """LocalSgd over the trainable parameters, with the checkpoint's momentum buffers and SI path
+    integral (checked against the parameters); the hyperparameters are always the run's."""
+    params = list(trainable_parameters(model).values())
     optimizer = LocalSgd(
-        trainable_parameters(model).values(),
+        params,
         lr=config.init_lr,
         reg_lambda=config.reg_lambda,
         momentum=config.momentum,
@@ -148,8 +152,13 @@ def _optimizer(model: TaskModel, config: RunConfig, checkpoint: dict | None) -> 
         penalty_step=config.penalty_step,
     )
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        state = check_optimizer_state(checkpoint["optimizer"]["state"], params, f"{checkpoint_path(config)}: optimizer")
+        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     return optimizer
+
+
+def checkpoint_path(config: RunConfig) -> Path:
+    return Path(config.models_dir) / CHECKPOINT
 
 
 def mas_train(

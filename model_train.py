@@ -56,10 +56,7 @@ def train_one_epoch(
         loss = criterion(logits, labels)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise Diverged(
-                f"{task.name}: the training loss became {loss_value} at {desc}; the last epoch's checkpoint is "
-                "kept; start again with a lower --init_lr (or --reg_lambda) and --overwrite"
-            )
+            raise Diverged(f"{task.name}: the training loss became {loss_value} at {desc}")
         loss.backward()
         optimizer.step()
         loss_sum += loss_value * labels.numel()
@@ -85,7 +82,19 @@ def train_model(
     for epoch in range(start_epoch, num_epochs):
         tic = time.perf_counter()
         lr = exp_lr_scheduler(optimizer, epoch, init_lr)
-        loss, accuracy = train_one_epoch(model, optimizer, task, device, f"{task.name} epoch {epoch + 1}/{num_epochs}")
+        try:
+            loss, accuracy = train_one_epoch(
+                model, optimizer, task, device, f"{task.name} epoch {epoch + 1}/{num_epochs}"
+            )
+        except Diverged as err:
+            kept = (
+                "the last epoch's checkpoint is kept"
+                if epoch > 0
+                else "no epoch of this task finished, so no checkpoint of it exists"
+            )
+            raise Diverged(
+                f"{err}; {kept}; start again with a lower --init_lr (or --reg_lambda) and --overwrite"
+            ) from None
         seconds = time.perf_counter() - tic
         history.append({"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "lr": lr, "seconds": seconds})
         tqdm.write(

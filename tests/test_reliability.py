@@ -247,7 +247,7 @@ def test_models_dir_that_is_a_file_or_unwritable(tiny_data, tmp_path, capsys, mo
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr("main.tempfile.TemporaryFile", refuse)
+    monkeypatch.setattr("utils.run_folder.tempfile.TemporaryFile", refuse)
     err = _error(capsys, tiny_data, tmp_path / "locked")
     assert err == f"error: cannot use --models_dir {tmp_path / 'locked'}: Permission denied"
 
@@ -459,8 +459,9 @@ def test_a_checkpoint_for_another_model_names_the_parameter(tiny_data, tmp_path,
     torch.save(checkpoint, tmp_path / "m" / "checkpoint.pth")
     monkeypatch.setattr("mas.save_checkpoint", real_save)
     err = _error(capsys, tiny_data, tmp_path / "m", "--resume")
-    assert (
-        err == "error: the checkpoint's model: parameter 'head.weight' has shape (5, 256), the model expects (2, 256)"
+    assert err == (
+        f"error: {tmp_path / 'm' / 'checkpoint.pth'}: the model: parameter 'head.weight' has shape (5, 256), "
+        "the model expects (2, 256)"
     )
 
 

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils import UserError
+from utils import UserError, schema
 from utils.io_utils import load_torch, save_torch
+from utils.results import PROGRAM
 
 CHECKPOINT = "checkpoint.pth"
 # Recorded, but free to change on --resume: they do not change what the run computes (the data
@@ -27,6 +28,7 @@ CHECKPOINT = "checkpoint.pth"
 # are drawn in the workers, and which worker serves which batch depends on their number.
 FREE_ON_RESUME = frozenset({"plot", "models_dir", "data_dir"})
 _IMPORTANCE_KEYS = ("omega", "theta_star")  # re-attached from reg_params, no need to store twice
+_STATE_KEYS = ("momentum_buffer", "path_integral")
 
 
 def argument_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -82,12 +84,13 @@ def save_checkpoint(
     save_torch(
         {
             "format": 1,
+            "program": PROGRAM,
             "task": task_no,
             "epoch": epoch,
             "args": args,
             "model": model.state_dict(),
             "optimizer": optimizer_state,
-            # At a task's start prev_omega == omega (see utils/mas_utils.py): store it once.
+            # At a task's start prev_omega == omega (see reg_params.py): store it once.
             "reg_params": {n: {"omega": e["omega"], "init_val": e["init_val"]} for n, e in reg_params.items()},
             "history": history,
             "rng": rng_state(),
@@ -96,19 +99,62 @@ def save_checkpoint(
     )
 
 
-def load_checkpoint(models_dir: str | Path) -> dict[str, Any] | None:
+def load_checkpoint(models_dir: str | Path, quick: bool = False) -> dict[str, Any] | None:
+    """The checkpoint of ``models_dir``, every entry checked (``quick``: only that it is one of this
+    program's, memory-mapped, for recognising a run folder); None if there is none."""
     path = Path(models_dir) / CHECKPOINT
     if not path.exists():
         return None
-    checkpoint = load_torch(path)
+    checkpoint = load_torch(path, mmap=quick)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != 1:
         raise UserError(f"{path} is not a checkpoint of this program")
-    try:
-        for entry in checkpoint["reg_params"].values():
-            entry["prev_omega"] = entry["omega"].clone()
-    except (KeyError, AttributeError, TypeError) as err:
-        raise UserError(f"{path} is not a checkpoint of this program") from err
+    if quick:
+        return checkpoint
+    _check_checkpoint(checkpoint, str(path))
+    for entry in checkpoint["reg_params"].values():
+        entry["prev_omega"] = entry["omega"].clone()
     return checkpoint
+
+
+def _check_checkpoint(checkpoint: dict[str, Any], where: str) -> None:
+    """Types of every entry; the tensors are checked against the model by the task runner."""
+    if schema.entry(checkpoint, "task", int, where) < 1 or schema.entry(checkpoint, "epoch", int, where) < 0:
+        raise UserError(f"{where}: 'task' and 'epoch' are out of range")
+    schema.entry(checkpoint, "args", dict, where)
+    schema.items(schema.entry(checkpoint, "history", list, where), dict, f"{where}: 'history'")
+    optimizer = schema.entry(checkpoint, "optimizer", dict, where)
+    schema.entry(optimizer, "state", dict, f"{where}: 'optimizer'")
+    for name, entry in schema.entry(checkpoint, "reg_params", dict, where).items():
+        for key in ("omega", "init_val"):
+            schema.entry(entry, key, torch.Tensor, f"{where}: reg_params[{name!r}]")
+    _check_rng(schema.entry(checkpoint, "rng", dict, where), f"{where}: 'rng'")
+
+
+def _check_rng(state: dict[str, Any], where: str) -> None:
+    """Restore every RNG state into a scratch generator: what they refuse is refused here."""
+    try:
+        torch.Generator().set_state(state["torch"])
+        n = state["numpy"]
+        np.random.RandomState().set_state(
+            (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        )
+        random.Random().setstate(state["python"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
+        raise UserError(f"{where} is not a valid random number generator state ({type(err).__name__})") from None
+
+
+def check_optimizer_state(state: dict[str, Any], params: list[torch.nn.Parameter], where: str) -> dict[str, Any]:
+    """The per-parameter state of a LocalSgd checkpoint (momentum buffers, SI's path integral) for
+    ``params`` in order: known keys only, each tensor of its parameter's shape and finite."""
+    for index, entry in state.items():
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            raise UserError(f"{where}: state for parameter {index!r}, but the optimizer has {len(params)}")
+        for key, tensor in schema.entry({"s": entry}, "s", dict, where).items():
+            if key not in _STATE_KEYS or not isinstance(tensor, torch.Tensor):
+                raise UserError(f"{where}: parameter {index} has an unknown state {key!r}")
+            if tensor.shape != params[index].shape or not torch.isfinite(tensor).all():
+                raise UserError(f"{where}: {key} of parameter {index} has the wrong shape or non-finite values")
+    return state
 
 
 def remove_checkpoint(models_dir: str | Path) -> None:

@@ -25,7 +25,9 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from utils import UserError
+from utils.interrupt import InterruptibleLoader
 from utils.io_utils import load_json
+from utils.manifest import check_manifest
 
 MANIFEST = "manifest.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -52,11 +54,7 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     path = data_dir / MANIFEST
     if not path.is_file():
         raise UserError(f"{path} is missing; run `python3 data_prep.py` to (re)build {data_dir}")
-    manifest = load_json(path)
-    for key in ("dataset", "tasks", "image_size", "channels", "mean", "std"):
-        if key not in manifest:
-            raise UserError(f"{path} has no {key!r} entry; rebuild the data with data_prep.py")
-    return manifest
+    return check_manifest(load_json(path), path)
 
 
 def data_fingerprint(manifest: dict[str, Any]) -> str:
@@ -141,7 +139,7 @@ def build_transforms(image_size: int, mean: list[float], std: list[float], augme
 
 def _loader(folder: Path, transform, mode: str, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
     dataset = datasets.ImageFolder(str(folder), transform=transform, loader=image_loader(mode))
-    return DataLoader(
+    return InterruptibleLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,

@@ -153,16 +153,17 @@ def _first_line(err: Exception) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def load_torch(path: str | os.PathLike) -> Any:
-    """``torch.load`` restricted to tensors and plain containers, onto the CPU."""
+def load_torch(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """``torch.load`` restricted to tensors and plain containers, onto the CPU (``mmap``: tensors
+    are read only when used)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"missing file {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise UserError(f"refusing to load {path}: {_weights_only_reason(err)}") from err
-    except (RuntimeError, EOFError, OSError) as err:
+    except Exception as err:  # untrusted bytes fail in many ways: zip, pickle, storage errors
         raise UserError(f"could not read {path}: it is truncated or not a PyTorch file ({_first_line(err)})") from err
 
 

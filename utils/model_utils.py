@@ -28,6 +28,7 @@ from utils import UserError
 from utils.io_utils import load_torch, save_text, save_torch
 
 SHARED_MODEL = "shared_model.pth"
+REG_PARAMS = "reg_params.pickle"  # written by reg_params.py
 HEAD = "head.pth"
 PERFORMANCE = "performance.txt"
 CLASSES = "classes.txt"

@@ -10,6 +10,8 @@ acc[i][j] is the test accuracy (%) on task j with its own head after training ta
 - average accuracy            mean_j acc[T][j]
 - average forgetting          mean_j (acc[j][j] - acc[T][j]) over all T tasks: the terminal table's
                               (and the seed implementation's) definition, positive = forgotten
+- average forgetting (previous) the same mean over the first T-1 tasks only (the last task is never
+                              forgotten, so the mean over all T is (T-1)/T of it): the per-task figure papers report
 - average forgetting (max)    mean_{j<T} (max_{j<=l<T} acc[l][j] - acc[T][j]) (Chaudhry et al., ECCV 2018)
 - backward transfer          mean_{j<T} (acc[T][j] - acc[j][j]) (Lopez-Paz and Ranzato, NeurIPS 2017)
 """
@@ -24,10 +26,18 @@ from typing import Any
 import torch
 import torchvision
 
-from utils import UserError
+from utils import UserError, schema
 from utils.io_utils import load_json, save_json, save_text
 
 RESULTS = "results.json"
+PROGRAM = "MAS-PyTorch main.py"
+METRICS = (
+    "average_accuracy",
+    "average_forgetting",
+    "average_forgetting_previous",
+    "average_forgetting_max",
+    "backward_transfer",
+)  # the tag of this program's results and checkpoints
 MATRIX_CSV = "accuracy_matrix.csv"
 
 
@@ -35,6 +45,7 @@ def new_results(args: dict[str, Any], manifest: Mapping[str, Any], label: str) -
     """An empty results file for a run with the recorded arguments ``args``; ``label`` names it in plots."""
     return {
         "format": 1,
+        "program": PROGRAM,
         "args": args,
         "method": args["method"],
         "label": label,
@@ -60,6 +71,25 @@ def load_results(models_dir: str | Path) -> dict[str, Any] | None:
     results = load_json(path)
     if not isinstance(results, dict) or results.get("format") != 1 or "args" not in results:
         raise UserError(f"{path} is not a results file of this program")
+    return _check_results(results, str(path))
+
+
+def _check_results(results: dict[str, Any], where: str) -> dict[str, Any]:
+    """What --resume reads back: the finished tasks in order, their accuracies, the matrix."""
+    schema.entry(results, "args", dict, where)
+    names = schema.items(schema.entry(results, "task_names", list, where), str, f"{where}: 'task_names'")
+    tasks = schema.items(schema.entry(results, "tasks", list, where), dict, f"{where}: 'tasks'")
+    matrix = schema.items(schema.entry(results, "accuracy_matrix", list, where), list, f"{where}: 'accuracy_matrix'")
+    if len(tasks) > len(names) or len(matrix) != len(tasks):
+        raise UserError(f"{where}: {len(tasks)} finished tasks, {len(matrix)} matrix rows, {len(names)} task names")
+    for number, (task, row) in enumerate(zip(tasks, matrix), start=1):
+        if schema.entry(task, "task", int, f"{where}: tasks[{number - 1}]") != number:
+            raise UserError(f"{where}: tasks[{number - 1}] is not task {number}")
+        accuracy = schema.entry(task, "test_accuracy", float, f"{where}: tasks[{number - 1}]")
+        schema.in_range(accuracy, 0.0, 100.0, f"{where}: tasks[{number - 1}]: 'test_accuracy'")
+        if len(row) != len(names) or not all(a is None or schema.is_number(a) for a in row):
+            raise UserError(f"{where}: accuracy_matrix[{number - 1}] must hold {len(names)} numbers or nulls")
+    schema.entry(results, "eval_every_task", bool, where)
     return results
 
 
@@ -89,18 +119,14 @@ def summarize(matrix: list[list[float | None]]) -> dict[str, float | None]:
     t = len(matrix)
     last = matrix[-1][:t] if matrix else []
     if not last or any(a is None for a in last):
-        return {
-            "average_accuracy": None,
-            "average_forgetting": None,
-            "average_forgetting_max": None,
-            "backward_transfer": None,
-        }
+        return dict.fromkeys(METRICS)
     diagonal = [matrix[j][j] for j in range(t)]
     earlier = range(t - 1)
     best = [max(matrix[row][j] for row in range(j, t - 1) if matrix[row][j] is not None) for j in earlier]
     return {
         "average_accuracy": sum(last) / t,
         "average_forgetting": sum(d - a for d, a in zip(diagonal, last)) / t,
+        "average_forgetting_previous": sum(diagonal[j] - last[j] for j in earlier) / (t - 1) if t > 1 else 0.0,
         "average_forgetting_max": sum(b - last[j] for j, b in enumerate(best)) / (t - 1) if t > 1 else 0.0,
         "backward_transfer": sum(last[j] - diagonal[j] for j in earlier) / (t - 1) if t > 1 else 0.0,
     }
