@@ -20,10 +20,10 @@ from types import MappingProxyType
 from typing import Any
 
 import methods
-from model_class import ARCHS
+from model_class import ARCHS, check_image_size
 from optimizer_lib import PENALTY_STEPS
 from utils import UserError
-from utils.cli import OneLineParser, at_least, positive_float, seed, unit_interval
+from utils.cli import OneLineParser, at_least, int_between, positive_float, seed, unit_interval
 from utils.data_utils import data_fingerprint, read_manifest
 
 # Flags that are not part of what a run computes: never recorded, never compared on --resume.
@@ -31,6 +31,12 @@ NOT_RECORDED = frozenset({"resume", "overwrite", "debug"})
 # Flags a manifest may not set: where the data and the artefacts are, and what this invocation does.
 NOT_FROM_MANIFEST = NOT_RECORDED | {"data_dir", "models_dir", "plot"}
 _NOT_GIVEN = object()
+# Upper bounds of the integer flags: beyond them a run cannot work (or finish) on any machine.
+MAX_BATCH = 2**31 - 1
+MAX_EPOCHS = 1_000_000
+MAX_LAYERS = 1_000
+MAX_WORKERS = 512
+MAX_IMAGE_SIZE = 4096
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,15 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--use_gpu", action="store_true", help="train on CUDA; an error if CUDA is absent (default: %(default)s)"
     )
-    p.add_argument("--batch_size", type=at_least(1, int), default=8, help="batch size (default: %(default)s)")
+    p.add_argument("--batch_size", type=int_between(1, MAX_BATCH), default=8, help="batch size (default: %(default)s)")
     p.add_argument(
         "--num_freeze_layers",
-        type=at_least(0, int),
+        type=int_between(0, MAX_LAYERS),
         default=2,
         help="freeze the first k layers of the trunk in every task: AlexNet convolutions, "
         "or MLP Linear layers, from the input (default: %(default)s)",
     )
-    p.add_argument("--num_epochs", type=at_least(1, int), default=10, help="epochs per task (default: %(default)s)")
+    p.add_argument(
+        "--num_epochs", type=int_between(1, MAX_EPOCHS), default=10, help="epochs per task (default: %(default)s)"
+    )
     p.add_argument(
         "--init_lr",
         type=positive_float,
@@ -90,12 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--image_size",
-        type=at_least(1, int),
+        type=int_between(1, MAX_IMAGE_SIZE),
         default=None,
         help="input size in pixels (default: %(default)s, i.e. 224 for alexnet as the seed, the stored size otherwise)",
     )
     p.add_argument(
-        "--num_workers", type=at_least(0, int), default=2, help="data loading processes (default: %(default)s)"
+        "--num_workers",
+        type=int_between(0, MAX_WORKERS),
+        default=2,
+        help="data loading processes (default: %(default)s)",
     )
     p.add_argument("--seed", type=seed, default=0, help="seed of every random number generator (default: %(default)s)")
     p.add_argument(
@@ -224,6 +235,7 @@ def make_config(values: Mapping[str, Any], manifest: Mapping[str, Any], applied:
     common = {k: v for k, v in values.items() if k not in _all_method_options()}
     arch = common["arch"]
     image_size = common["image_size"] or (224 if arch == "alexnet" else manifest["image_size"])
+    check_image_size(arch, image_size)
     return RunConfig(
         **{**common, "image_size": image_size},
         method_options=MappingProxyType({k: values[k] for k in options}),

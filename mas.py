@@ -35,6 +35,7 @@ from reg_params import (
     load_reg_params,
     save_reg_params,
 )
+from utils import Diverged
 from utils.checkpoint import CHECKPOINT, check_optimizer_state, restore_rng, save_checkpoint
 from utils.data_utils import TaskData
 from utils.model_utils import (
@@ -194,6 +195,11 @@ def mas_train(
     train_seconds, tic = time.perf_counter() - tic, time.perf_counter()
     omega = method.importance(model, task)
     importance_seconds = time.perf_counter() - tic
+    if not all(torch.isfinite(o).all() for o in omega.values()):
+        raise Diverged(
+            f"{task.name}: the importance became NaN or infinite (the weights grew too large to score); "
+            "start again with a lower --init_lr (or --reg_lambda) and --overwrite"
+        )
     test_accuracy = evaluate(model, task.test, device, desc=f"{task.name} test")
     state.finish_task(task_no, task, model, consolidate_reg_params(reg_params, omega, model.shared), test_accuracy)
     return TaskResult(omega, test_accuracy, history, train_seconds, importance_seconds)

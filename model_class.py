@@ -33,6 +33,8 @@ class AlexNetTrunk(nn.Module):
     """AlexNet up to fc7 + ReLU; parameter names are torchvision's (``features.0.weight``, ...)."""
 
     out_features = 4096
+    # Three max-pools of 3x3/2 after the 11x11/4 convolution: below 63 pixels the last one has no input.
+    min_image_size = 63
 
     def __init__(self) -> None:
         super().__init__()
@@ -55,6 +57,7 @@ class MlpTrunk(nn.Module):
     """Two hidden layers of 256 ReLU units over the flattened image."""
 
     out_features = MLP_HIDDEN
+    min_image_size = 1
 
     def __init__(self, in_features: int) -> None:
         super().__init__()
@@ -84,6 +87,18 @@ class TaskModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.shared(x))
+
+
+TRUNKS = {"alexnet": AlexNetTrunk, "mlp": MlpTrunk}
+
+
+def check_image_size(arch: str, image_size: int) -> None:
+    """The smallest input the trunk accepts, checked before anything runs."""
+    smallest = TRUNKS[arch].min_image_size
+    if image_size < smallest:
+        raise UserError(
+            f"--image_size {image_size} is too small for --arch {arch}: it takes at least {smallest} pixels"
+        )
 
 
 def build_trunk(arch: str, channels: int, image_size: int) -> nn.Module:

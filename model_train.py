@@ -82,19 +82,12 @@ def train_model(
     for epoch in range(start_epoch, num_epochs):
         tic = time.perf_counter()
         lr = exp_lr_scheduler(optimizer, epoch, init_lr)
+        desc = f"{task.name} epoch {epoch + 1}/{num_epochs}"
         try:
-            loss, accuracy = train_one_epoch(
-                model, optimizer, task, device, f"{task.name} epoch {epoch + 1}/{num_epochs}"
-            )
+            loss, accuracy = train_one_epoch(model, optimizer, task, device, desc)
+            _check_finite_weights(model, f"{task.name}: the weights became NaN or infinite in {desc}")
         except Diverged as err:
-            kept = (
-                "the last epoch's checkpoint is kept"
-                if epoch > 0
-                else "no epoch of this task finished, so no checkpoint of it exists"
-            )
-            raise Diverged(
-                f"{err}; {kept}; start again with a lower --init_lr (or --reg_lambda) and --overwrite"
-            ) from None
+            raise Diverged(f"{err}; {_what_is_kept(epoch)}") from None
         seconds = time.perf_counter() - tic
         history.append({"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "lr": lr, "seconds": seconds})
         tqdm.write(
@@ -104,6 +97,21 @@ def train_model(
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
     return history
+
+
+def _check_finite_weights(model: nn.Module, message: str) -> None:
+    """The last step of an epoch can make the weights non-finite with a finite loss: not a checkpoint."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise Diverged(message)
+
+
+def _what_is_kept(epoch: int) -> str:
+    kept = (
+        "the last epoch's checkpoint is kept"
+        if epoch > 0
+        else "no epoch of this task finished, so no checkpoint of it exists"
+    )
+    return f"{kept}; start again with a lower --init_lr (or --reg_lambda) and --overwrite"
 
 
 @torch.no_grad()

@@ -138,3 +138,25 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+def assert_same_run(models: Path, reference: Path) -> None:
+    """Bit for bit the same run: every task's performance.txt, classes.txt and head, the trunk,
+    reg_params.pickle and the accuracy matrix."""
+    import torch
+
+    from utils.io_utils import load_tensor_pickle
+
+    tasks = sorted(p.name for p in reference.glob("Task_*"))
+    assert sorted(p.name for p in models.glob("Task_*")) == tasks
+    for task in tasks:
+        for name in ("performance.txt", "classes.txt"):
+            assert (models / task / name).read_text() == (reference / task / name).read_text(), (task, name)
+    for name in [*(f"{t}/head.pth" for t in tasks), "shared_model.pth"]:
+        ours, ref = (torch.load(m / name, weights_only=True) for m in (models, reference))
+        assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref), name
+    ours, ref = (load_tensor_pickle(m / "reg_params.pickle") for m in (models, reference))
+    assert sorted(ours) == sorted(ref)
+    assert all(torch.equal(ours[n][k], ref[n][k]) for n in ref for k in ("omega", "init_val", "prev_omega"))
+    matrices = [json.loads((m / "results.json").read_text())["accuracy_matrix"] for m in (models, reference)]
+    assert matrices[0] == matrices[1]

@@ -10,6 +10,8 @@ import math
 from collections.abc import Callable
 
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes 32 bits; torch and random take more
+# Float flags multiply float32 tensors: 2 * reg_lambda, say, must stay far inside float32's range (3.4e38).
+FLOAT_MAX = 1e30
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -27,6 +29,8 @@ def _number(text: str, kind: type) -> float | int:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    if kind is float and abs(value) > FLOAT_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {FLOAT_MAX:g} in size (float32 weights), got {text}")
     return value
 
 

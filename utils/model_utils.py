@@ -43,9 +43,10 @@ def pretrained_alexnet_state() -> dict[str, torch.Tensor]:
     prints its one error line and nothing else."""
     url = ALEXNET_WEIGHTS_URL
     target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    cached = target.is_file()
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return torch.hub.load_state_dict_from_url(
+            state = torch.hub.load_state_dict_from_url(
                 url, map_location="cpu", progress=True, check_hash=True, weights_only=True
             )
     except (URLError, OSError, RuntimeError, EOFError) as err:
@@ -53,6 +54,9 @@ def pretrained_alexnet_state() -> dict[str, torch.Tensor]:
             f"could not get the ImageNet AlexNet weights ({getattr(err, 'reason', err)}): "
             f"download {url} to {target}, or run with --no-pretrained"
         ) from err
+    if not cached:
+        print(f"downloaded the ImageNet AlexNet weights to {target}")
+    return state
 
 
 def check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
