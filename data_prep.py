@@ -342,7 +342,7 @@ def publish(staged: Path, data_dir: Path) -> None:
         data_dir.rename(old)
         try:
             staged.rename(data_dir)
-        except OSError:
+        except BaseException:  # an error, or Ctrl-C between the two renames: the old split goes back
             old.rename(data_dir)
             raise
         shutil.rmtree(old, ignore_errors=True)
@@ -589,7 +589,7 @@ def _urllib_reason(err: BaseException) -> str:
         err = err.reason
     text = str(err)
     if isinstance(err, RuntimeError):  # MNIST's: each mirror tried and its error, the last one last
-        text = [line for line in text.splitlines() if line.strip()][-1]
+        text = ([line for line in text.splitlines() if line.strip()] or [text])[-1]
     if isinstance(err, TimeoutError) or text.endswith("timed out>") or text == "timed out":
         return "the server did not answer in time"
     if isinstance(err, (http.client.IncompleteRead, ConnectionResetError)):
@@ -1000,7 +1000,9 @@ def _mnist_error(err: Exception, raw: Path) -> UserError:
             f"could not unpack the MNIST .gz files in {raw} ({_first_line(err)}); delete them to download them again"
         )
     elif isinstance(err, RuntimeError):
-        return UserError(f"could not read the MNIST files in {raw} ({err}); delete them to download them again")
+        return UserError(
+            f"could not read the MNIST files in {raw} ({_first_line(err)}); delete them to download them again"
+        )
     elif isinstance(err, (AssertionError, KeyError, ValueError)):  # torchvision's checks of the IDX headers
         return UserError(f"the MNIST files in {raw} are corrupt; delete them to download them again")
     else:

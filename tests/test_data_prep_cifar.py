@@ -258,11 +258,9 @@ def test_download_writes_every_image_in_label_order_tasks_with_its_manifest(cifa
     assert server.seen == [None]  # one transfer
 
 
+@pytest.mark.parametrize("cifar", ["cifar100"], indirect=True)
 @pytest.mark.parametrize("num_tasks", ["20", "5", "100"])
 def test_cifar100_cuts_the_classes_into_any_number_of_equal_groups(cifar, tmp_path, num_tasks):
-    fake, _ = cifar
-    if fake.dataset == "cifar10":
-        pytest.skip("Split CIFAR-10 has 5 tasks")
     manifest = run(tmp_path, "cifar100", "--num_tasks", num_tasks)
     group = 100 // int(num_tasks)
     assert [t["classes"] for t in manifest["tasks"]] == [CIFAR100_NAMES[k : k + group] for k in range(0, 100, group)]

@@ -215,11 +215,6 @@ def test_every_numeric_flag_at_its_limits_gives_one_line_or_succeeds(tmp_path, c
     ("flags", "said"),
     [
         (["--seed", "-1"], "error: argument --seed: must be from 0 to 4294967295, got -1 (see --help)"),
-        (["--seed", str(2**32)], f"error: argument --seed: must be from 0 to 4294967295, got {2**32} (see --help)"),
-        (
-            ["--num_tasks", "nan"],
-            "error: argument --num_tasks: expected a whole number from 1 to 200, got 'nan' (see --help)",
-        ),
         (
             ["--dataset", "digits", "--scenario", "rotated", "--angles", "1e999"],
             "error: argument --angles: expected an angle in degrees from -360 to 360, got '1e999' (see --help)",
@@ -275,6 +270,7 @@ def test_an_archive_that_is_no_zip_is_one_line(tmp_path, error_line):
     assert line == f"error: could not read {fake}: File is not a zip file; the archive is damaged"
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name")
 def test_a_class_list_that_is_not_text_is_one_line(tmp_path, error_line):
     archive = tmp_path / "binary.zip"
     write_tiny_zip(archive)
