@@ -160,3 +160,76 @@ def assert_same_run(models: Path, reference: Path) -> None:
     assert all(torch.equal(ours[n][k], ref[n][k]) for n in ref for k in ("omega", "init_val", "prev_omega"))
     matrices = [json.loads((m / "results.json").read_text())["accuracy_matrix"] for m in (models, reference)]
     assert matrices[0] == matrices[1]
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    """Download retries without the real pauses between attempts."""
+    import data_prep
+
+    monkeypatch.setattr(data_prep, "RETRY_DELAY", 0.001)
+
+
+class ScriptedHandler(RangeRequestHandler):
+    """Serves like RangeRequestHandler, but each transfer first takes the next fault of the server's
+    plan: 'cut' (the first ``cut`` bytes of the body, then the connection closes), 'stall' (those
+    bytes, then silence until the test ends), 'status:NNN' (that HTTP error); 'whole' once the plan
+    is used up. torchvision's redirect probe (a GET with a 'Method: HEAD' header) gets the headers only."""
+
+    def do_GET(self) -> None:
+        if self.headers.get("Method") == "HEAD":
+            self.server.probes += 1
+            return self.do_HEAD()
+        fault = self.server.plan.pop(0) if self.server.plan else "whole"
+        self.server.seen.append(self.headers.get("Range"))
+        if fault.startswith("status:"):
+            return self.send_error(int(fault.removeprefix("status:")))
+        source = self.send_head()
+        if source is None:
+            return None
+        with source:
+            if fault == "whole":
+                return self.copyfile(source, self.wfile)
+            self.wfile.write(source.read(self.server.cut))
+            self.wfile.flush()
+            if fault == "stall":
+                self.server.release.wait(10)
+        return None
+
+
+@pytest.fixture
+def scripted_server(tmp_path: Path):
+    """A server on 127.0.0.1 for ``<tmp_path>/served`` that plays ``server.plan``; ``server.seen``
+    lists the Range header of every transfer, ``server.probes`` counts torchvision's probes."""
+    root = tmp_path / "served"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(ScriptedHandler, directory=str(root)))
+    server.root, server.plan, server.seen, server.probes = root, [], [], 0
+    server.cut, server.release = 16 * 1024, threading.Event()
+    server.base_url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def error_line(capsys):
+    """``error_line(call)`` runs a call that must exit with ``code`` (1 by default) and returns its one
+    ``error:`` line: the last of stderr (progress bars may come before it, unless ``alone``), no traceback."""
+
+    def run(call, code: int = 1, alone: bool = False) -> str:
+        with pytest.raises(SystemExit) as exc:
+            call()
+        assert exc.value.code == code
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert "Traceback" not in err and len(lines) == 1 and err.rstrip().endswith(lines[0]), err
+        assert not alone or err == lines[0] + "\n", err
+        return lines[0]
+
+    return run

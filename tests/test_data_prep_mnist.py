@@ -47,7 +47,7 @@ def write_raw(raw: Path, compress: bool = False) -> None:
 
 
 @pytest.fixture(autouse=True)
-def no_internet(closed_port_url, monkeypatch):
+def no_internet(closed_port_url, monkeypatch, fast_retries):
     """torchvision may only ever reach a closed port on 127.0.0.1."""
     monkeypatch.setattr(MNIST, "mirrors", [f"{closed_port_url}/mnist/"])
 
@@ -140,5 +140,6 @@ def test_a_seed_is_refused_since_the_split_is_the_official_one(tmp_path, capsys)
     with pytest.raises(SystemExit):
         data_prep(["--dataset", "mnist", "--data_dir", str(tmp_path / "Data"), "--seed", "1"])
     assert (
-        capsys.readouterr().err == "error: --seed does not apply to --dataset mnist (only to tiny-imagenet, digits)\n"
+        capsys.readouterr().err == "error: --seed does not apply to --dataset mnist --scenario split "
+        "(only to tiny-imagenet, mnist --scenario permuted, digits)\n"
     )

@@ -80,6 +80,11 @@ def write_tiny_zip(path: Path, extra: dict[str | zipfile.ZipInfo, bytes] | None 
     return path
 
 
+@pytest.fixture(autouse=True)
+def _fast_retries(fast_retries):
+    """Offline and failing servers are retried: without the pauses here."""
+
+
 def md5_of(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
@@ -214,7 +219,7 @@ def test_a_download_cut_off_midway_resumes_to_a_byte_identical_archive(served, t
 
     whole = RangeRequestHandler.copyfile
     monkeypatch.setattr(RangeRequestHandler, "copyfile", cut_off)
-    line = fails(tmp_path, capsys, "--url", url, "--md5", md5_of(tiny_zip))
+    line = fails(tmp_path, capsys, "--url", url, "--md5", md5_of(tiny_zip), "--retries", "1")
     assert line == download_failed(url, "the connection broke off during the transfer")
     part = tmp_path / "dl" / f"{dp.TINY_ZIP}.part"
     assert part.read_bytes() == tiny_zip.read_bytes()[:cut]
@@ -400,7 +405,10 @@ def test_impossible_splits_are_refused(tiny_zip, tmp_path, capsys, flags, messag
 
 def test_flags_of_another_dataset_are_refused(tmp_path, capsys):
     line = fails(tmp_path, capsys, "--dataset", "digits", "--num_tasks", "2")
-    assert line == "error: --num_tasks does not apply to --dataset digits (only to tiny-imagenet)"
+    assert line == (
+        "error: --num_tasks does not apply to --dataset digits --scenario split (only to tiny-imagenet, "
+        "mnist --scenario permuted/rotated, digits --scenario permuted/rotated, cifar100)"
+    )
 
 
 def test_across_file_systems_the_images_are_copied(tiny_zip, tmp_path, monkeypatch):
