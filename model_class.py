@@ -11,6 +11,11 @@ Two trunks:
   is the 4096-d fc7 activation; the head is ``Linear(4096, n_classes)``.
 - ``mlp``: flatten -> Linear(d, 256) -> ReLU -> Linear(256, 256) -> ReLU, for
   small grey-scale digits; the head is ``Linear(256, n_classes)``.
+- ``convnet``: the 4-conv + 2-FC network of Split CIFAR in the continual-learning literature (the
+  CIFAR network of Zenke et al., ICML 2017, after Keras' CIFAR-10 example): conv 3x3 32 (same) ->
+  ReLU -> conv 3x3 32 (valid) -> ReLU -> max-pool 2 -> dropout 0.25 -> conv 3x3 64 (same) -> ReLU ->
+  conv 3x3 64 (valid) -> ReLU -> max-pool 2 -> dropout 0.25 -> flatten -> Linear(64*6*6, 512) -> ReLU
+  -> dropout 0.5 (at 32x32); the head is ``Linear(512, n_classes)``, the second FC layer.
 
 Freezing (``create_freeze_layers``) and the parameters that train (``trainable_parameters``)
 belong to the trunk too: frozen parameters carry no importance and no penalty.
@@ -25,8 +30,9 @@ from torchvision.models import alexnet
 from utils import UserError
 from utils.model_utils import check_tensors, pretrained_alexnet_state
 
-ARCHS = ("alexnet", "mlp")
+ARCHS = ("alexnet", "mlp", "convnet")
 MLP_HIDDEN = 256
+CONVNET_FEATURES = 512
 
 
 class AlexNetTrunk(nn.Module):
@@ -77,6 +83,47 @@ class MlpTrunk(nn.Module):
         return [f"net.{i}" for i, m in enumerate(self.net) if isinstance(m, nn.Linear)]
 
 
+class ConvNetTrunk(nn.Module):
+    """Four 3x3 convolutions in two blocks, then one 512-unit layer (see the module docstring)."""
+
+    out_features = CONVNET_FEATURES
+    # Each block: a valid 3x3 convolution (-2 pixels), then a 2x2 max-pool: 10 pixels leave 1x1.
+    min_image_size = 10
+
+    def __init__(self, channels: int, image_size: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            *self._block(channels, 32),
+            *self._block(32, 64),
+        )
+        side = ((image_size - 2) // 2 - 2) // 2
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * side * side, CONVNET_FEATURES),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+        )
+
+    @staticmethod
+    def _block(cin: int, cout: int) -> list[nn.Module]:
+        return [
+            nn.Conv2d(cin, cout, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(cout, cout, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Dropout(0.25),
+        ]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def freezable_layers(self) -> list[str]:
+        """The convolutions of ``features``, from the input, then the Linear layer."""
+        convs = [f"features.{i}" for i, m in enumerate(self.features) if isinstance(m, nn.Conv2d)]
+        return [*convs, "classifier.1"]
+
+
 class TaskModel(nn.Module):
     """F = head(shared(x)): the network used while training, scoring and testing one task."""
 
@@ -89,7 +136,7 @@ class TaskModel(nn.Module):
         return self.head(self.shared(x))
 
 
-TRUNKS = {"alexnet": AlexNetTrunk, "mlp": MlpTrunk}
+TRUNKS = {"alexnet": AlexNetTrunk, "mlp": MlpTrunk, "convnet": ConvNetTrunk}
 
 
 def check_image_size(arch: str, image_size: int) -> None:
@@ -107,6 +154,8 @@ def build_trunk(arch: str, channels: int, image_size: int) -> nn.Module:
         return AlexNetTrunk()
     if arch == "mlp":
         return MlpTrunk(channels * image_size * image_size)
+    if arch == "convnet":
+        return ConvNetTrunk(channels, image_size)
     raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
 
 

@@ -15,7 +15,7 @@ from importance import (
     mas_per_sample_importance,
     si_importance,
 )
-from model_class import MlpTrunk, TaskModel
+from model_class import ConvNetTrunk, MlpTrunk, TaskModel
 from optimizer_lib import LocalSgd
 
 CPU = torch.device("cpu")
@@ -100,6 +100,7 @@ def _assert_close(ours: dict, ref: dict) -> None:
 
 CASES = {
     "tiny_alexnet": (TinyAlexNet, (3, 16, 16)),
+    "convnet": (lambda: ConvNetTrunk(3, 12), (3, 12, 12)),
     "mlp": (lambda: MlpTrunk(12), (1, 3, 4)),
     "fallback": (ScaledMlp, (4,)),
 }
