@@ -59,6 +59,7 @@ def stop_at_safe_points() -> Iterator[None]:
         _active = False
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+    check()  # a signal after the last safe point still stops the run: it is never swallowed
 
 
 @contextlib.contextmanager
