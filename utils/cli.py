@@ -51,8 +51,10 @@ def int_between(low: int, high: int) -> Callable[[str], int]:
 
     def check(text: str) -> int:
         value = _number(text, int)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {text}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
         return value
 
     return check
