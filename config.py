@@ -21,6 +21,7 @@ from typing import Any
 
 import methods
 from model_class import ARCHS, check_image_size
+from model_train import AMP_DTYPES
 from optimizer_lib import PENALTY_STEPS
 from utils import UserError
 from utils.cli import OneLineParser, at_least, int_between, positive_float, seed, unit_interval
@@ -80,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="explicit",
         help="explicit: add the penalty's gradient to the SGD step (the paper, the authors' code); proximal: "
         "apply the penalty by its exact proximal map after the data step, stable for any lambda (default: %(default)s)",
+    )
+    p.add_argument(
+        "--amp",
+        choices=tuple(AMP_DTYPES),
+        default="off",
+        help="mixed precision of the training forward pass: bf16, or fp16 with gradient scaling; the importance "
+        "pass always runs in float32 (default: %(default)s, i.e. float32 as the seed)",
     )
     p.add_argument(
         "--data_dir", default="Data", help="task folders and manifest from data_prep.py (default: %(default)s)"
@@ -148,6 +156,7 @@ class RunConfig:
     reg_lambda: float
     method: str
     penalty_step: str
+    amp: str  # off, bf16 or fp16 (model_train.Precision)
     data_dir: str
     models_dir: str
     arch: str
@@ -167,6 +176,7 @@ class RunConfig:
     data_fingerprint: str  # identifies the data whatever its path
     manifest: Mapping[str, Any] = field(repr=False, compare=False)
     applied_defaults: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    world_size: int = 1  # processes under torchrun; --batch_size is split evenly among them
 
     def recorded(self) -> dict[str, Any]:
         """The arguments stored in checkpoints and results.json, as flat ``flag -> value``; flags the
@@ -174,6 +184,8 @@ class RunConfig:
         skipped = NOT_RECORDED | {"method_options", "manifest", "applied_defaults"}
         arguments = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skipped}
         arguments.update(self.method_options)
+        if self.world_size == 1:
+            del arguments["world_size"]  # a plain run records what it always recorded
         arguments["data_dir"] = str(Path(self.data_dir).resolve())
         arguments["models_dir"] = str(Path(self.models_dir).resolve())
         return dict(sorted(arguments.items()))

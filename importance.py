@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model_class import trainable_parameters
+from utils import distributed
 
 Importance = dict[str, torch.Tensor]
 BatchLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -89,6 +90,8 @@ def mas_batch_importance(model: nn.Module, loader: DataLoader, device: torch.dev
                 running_mean_(omega[name], grad, seen, inputs.shape[0])
         seen += inputs.shape[0]
     model.zero_grad(set_to_none=True)
+    if distributed.active():  # each rank's running mean back to its sum, then the mean over all samples
+        return _mean_over_samples({name: o.mul_(seen) for name, o in omega.items()}, seen)
     return {name: o.cpu() for name, o in omega.items()}
 
 
@@ -274,6 +277,16 @@ def _hooked_mean(
                 seen += inputs.shape[0]
     finally:
         taps.remove()
+    return _mean_over_samples(totals, seen)
+
+
+def _mean_over_samples(totals: dict[str, torch.Tensor], seen: int) -> Importance:
+    """totals / seen; with several ranks (torchrun), each scored its own shard: both are summed
+    over the ranks first, so the mean is over every sample once."""
+    if distributed.active():
+        count = torch.tensor([float(seen)], dtype=torch.float64, device=next(iter(totals.values())).device)
+        distributed.sum_([*totals.values(), count])
+        seen = int(count.item())
     return {n: (t / max(seen, 1)).cpu() for n, t in totals.items()}
 
 

@@ -9,6 +9,7 @@ Omega (theta - theta*)^2  (Eq. 3), with Omega measured after every task (Eq. 2, 
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 import time
@@ -19,22 +20,31 @@ import torch
 from config import RunConfig, parse_config
 from mas import ForgettingRow, RunState, compute_forgetting, mas_train
 from methods import method_class
-from utils import Diverged, UserError, interrupt
+from utils import Diverged, UserError, distributed, interrupt
 from utils.checkpoint import CHECKPOINT, argument_differences, load_checkpoint, remove_checkpoint
 from utils.data_utils import make_task_data, task_dirs
 from utils.model_utils import pretrained_alexnet_state
 from utils.results import RESULTS, format_pp, load_results, new_results, record_task, save_results
-from utils.run_folder import check_models_dir, remove_previous_run, remove_stale_temporaries, run_artefacts
+from utils.run_folder import (
+    check_models_dir,
+    is_run_folder,
+    remove_previous_run,
+    remove_stale_temporaries,
+    run_artefacts,
+)
 
 
-def select_device(use_gpu: bool) -> torch.device:
-    if not use_gpu:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError(
-            "--use_gpu was given but CUDA is not available on this machine; drop the flag to train on the CPU"
-        )
-    return torch.device("cuda")
+def say(*args) -> None:
+    """Progress and results on the terminal: printed by rank 0 only (errors by every rank)."""
+    if distributed.is_writer():
+        print(*args)
+
+
+def _write(save, *args) -> None:
+    """A file of the run, written by rank 0 while the others wait."""
+    if distributed.is_writer():
+        save(*args)
+    distributed.barrier()
 
 
 def format_table(rows: list[ForgettingRow]) -> str:
@@ -61,7 +71,7 @@ def _resume_run(config: RunConfig, models_dir: Path) -> tuple[RunState, dict | N
     differences = argument_differences(stored, config.recorded())
     if differences:
         raise UserError(f"--resume with arguments that differ from the run in {models_dir}: " + "; ".join(differences))
-    remove_stale_temporaries(models_dir)
+    distributed.on_writer(lambda: remove_stale_temporaries(models_dir))
     state = RunState(config, results if results is not None else _new_results(config))
     state.load_finished(models_dir)
     if checkpoint is not None and checkpoint["task"] <= state.finished:
@@ -73,14 +83,14 @@ def _new_results(config: RunConfig) -> dict:
     return new_results(config.recorded(), config.manifest, method_class(config.method)(config, None).label())
 
 
-def open_run(config: RunConfig) -> tuple[RunState, dict | None]:
-    """The run so far and the checkpoint of an unfinished task (``--resume``), or a fresh run."""
+def _prepare_models_dir(config: RunConfig) -> None:
+    """Checks of the models folder, and --overwrite's removal of the earlier run (rank 0 only)."""
     models_dir = Path(config.models_dir)
     if config.resume and config.overwrite:
         raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
     check_models_dir(models_dir, Path(config.data_dir))
     if config.resume:
-        return _resume_run(config, models_dir)
+        return
     previous = run_artefacts(models_dir)
     if previous and not config.overwrite:
         shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
@@ -89,6 +99,13 @@ def open_run(config: RunConfig) -> tuple[RunState, dict | None]:
         )
     if previous:
         remove_previous_run(models_dir)
+
+
+def open_run(config: RunConfig) -> tuple[RunState, dict | None]:
+    """The run so far and the checkpoint of an unfinished task (``--resume``), or a fresh run."""
+    distributed.on_writer(lambda: _prepare_models_dir(config))  # an error reaches every rank
+    if config.resume:
+        return _resume_run(config, Path(config.models_dir))
     return RunState(config, _new_results(config)), None
 
 
@@ -109,7 +126,7 @@ def _task_entry(task_no: int, task, result, wall_seconds: float, resumed: bool) 
 def _load_tasks(config: RunConfig) -> list:
     manifest = config.manifest
     applied = ", ".join(f"{k}={v}" for k, v in config.applied_defaults.items())
-    print(f"{manifest['dataset']}: {len(manifest['tasks'])} tasks; defaults from the manifest: {applied or 'none'}")
+    say(f"{manifest['dataset']}: {len(manifest['tasks'])} tasks; defaults from the manifest: {applied or 'none'}")
     return [
         make_task_data(f, manifest, config.channels, config.image_size, config.batch_size, config.num_workers)
         for f in task_dirs(config.data_dir, manifest)
@@ -122,7 +139,7 @@ def _train_task(state: RunState, task_no: int, task, device: torch.device, check
         return mas_train(state, task_no, task, device, checkpoint)
     except Diverged as err:
         state.results["diverged"] = {"task": task_no, "message": str(err)}
-        save_results(state.results, state.config.models_dir)
+        _write(save_results, state.results, state.config.models_dir)
         raise
 
 
@@ -131,58 +148,81 @@ def _train_tasks(state: RunState, tasks: list, device: torch.device, checkpoint:
     config, rows = state.config, None
     for task_no, task in enumerate(tasks, start=1):
         if task_no <= state.finished:
-            print(f"== {task.name}: finished in the interrupted run, kept ==")
+            say(f"== {task.name}: finished in the interrupted run, kept ==")
             continue
-        interrupt.check()
+        interrupt.check_everywhere()
         resume = checkpoint if checkpoint is not None and checkpoint["task"] == task_no else None
         resumed = f", resuming after epoch {resume['epoch'] + 1}" if resume else ""
-        print(f"== {task.name}: {len(task.classes)} classes, {len(task.train.dataset)} training images{resumed} ==")
+        say(f"== {task.name}: {len(task.classes)} classes, {len(task.train.dataset)} training images{resumed} ==")
         tic = time.perf_counter()
         result = _train_task(state, task_no, task, device, resume)
         evaluate_now = config.eval_every_task or task_no == len(tasks)
         rows = compute_forgetting(state, tasks[:task_no], device) if evaluate_now else None
         entry = _task_entry(task_no, task, result, time.perf_counter() - tic, resume is not None)
         record_task(state.results, entry, [r.now for r in rows] if rows else None)
-        save_results(state.results, config.models_dir)
-        remove_checkpoint(config.models_dir)
+        _write(save_results, state.results, config.models_dir)
+        _write(remove_checkpoint, config.models_dir)
     return rows
 
 
 def _report(config: RunConfig, results: dict, rows: list[ForgettingRow]) -> dict:
     """Print the table and the averages, write the plots; the results with the forgetting rows."""
-    print(format_table(rows))
+    say(format_table(rows))
     average = {
         "average_forgetting": _mean([r.forgetting for r in rows]),
         "average_forgetting_previous": _mean([r.forgetting for r in rows[:-1]]),
         "average_accuracy": _mean([r.now for r in rows]),
     }
-    print(f"average accuracy: {format_pp(average['average_accuracy'])} %")
+    say(f"average accuracy: {format_pp(average['average_accuracy'])} %")
     if len(rows) > 1:
-        print(
+        say(
             f"average forgetting of tasks 1-{len(rows) - 1} (the avg line counts the last task too): "
             f"{format_pp(average['average_forgetting_previous'])} pp"
         )
-    if config.plot:
+    if config.plot and distributed.is_writer():
         from utils.plot import run_label, write_plots  # matplotlib only when asked for
 
         for path in write_plots([(run_label(results), results)], Path(config.models_dir) / "plots"):
-            print(f"wrote {path}")
+            say(f"wrote {path}")
     return {**results, "forgetting": [vars(r) for r in rows], **average}
 
 
-def run(config: RunConfig) -> dict:
-    device = select_device(config.use_gpu)
+def _fetch_pretrained_weights(config: RunConfig) -> None:
+    """ImageNet weights into torch.hub's cache before anything is created (rank 0 first, then the
+    others, which find them in the cache of their node)."""
+    if not (config.pretrained and config.arch == "alexnet" and not config.resume):
+        return
+    with interrupt.raise_at_once():  # nothing is saved yet: stop the download at once
+        distributed.on_writer(lambda: pretrained_alexnet_state() and None)
+        if not distributed.is_writer():
+            pretrained_alexnet_state()
+
+
+def run(config: RunConfig, device: torch.device) -> dict:
     tasks = _load_tasks(config)
-    if config.pretrained and config.arch == "alexnet" and not config.resume:
-        with interrupt.raise_at_once():  # nothing is saved yet: stop the download at once
-            pretrained_alexnet_state()  # into torch.hub's cache before anything is created
-    interrupt.check()
+    _fetch_pretrained_weights(config)
+    interrupt.check_everywhere()
     state, checkpoint = open_run(config)
     rows = _train_tasks(state, tasks, device, checkpoint)
     if rows is None:  # every task finished in an earlier run: only score them
         rows = compute_forgetting(state, tasks, device)
-        save_results(state.results, config.models_dir)  # mends a CSV that a crash left behind results.json
+        _write(save_results, state.results, config.models_dir)  # mends a CSV that a crash left behind results.json
     return _report(config, state.results, rows)
+
+
+def for_world(config: RunConfig, world: distributed.World) -> RunConfig:
+    """The run as one rank of ``world`` sees it: --batch_size is the global batch, split evenly; after
+    torchrun restarted the workers (a worker died), the run continues from its last checkpoint."""
+    if world.size > 1 and config.batch_size % world.size:
+        raise UserError(
+            f"--batch_size {config.batch_size} does not split evenly among the {world.size} processes: "
+            f"give a multiple of {world.size} (it is the global batch)"
+        )
+    config = dataclasses.replace(config, world_size=world.size)
+    if world.restart and not config.resume and is_run_folder(Path(config.models_dir)):
+        say(f"torchrun restarted the workers (restart {world.restart}): resuming from the last checkpoint")
+        config = dataclasses.replace(config, resume=True, overwrite=False)
+    return config
 
 
 def _mean(values: list[float]) -> float:
@@ -222,17 +262,27 @@ def main(argv: list[str] | None = None) -> dict:
     debug = "--debug" in argv
     config = None
     try:
-        config = parse_config(argv)
+        world = distributed.from_environment()
+        config = for_world(parse_config(argv), world)
+        device = distributed.start(world, config.use_gpu)
         with interrupt.stop_at_safe_points():
-            return run(config)
+            return run(config, device)
     except UserError as err:
         if debug:
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None
+    except Exception as err:
+        if debug or not distributed.lost_a_rank(err):
+            raise
+        print(f"error: rank {distributed.rank()} lost the other ranks: {_one_line(err)}", file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM, at a safe point (utils/interrupt.py)
-        print("\n" + _interrupted_message(argv, config), file=sys.stderr)
+        if distributed.is_writer():
+            print("\n" + _interrupted_message(argv, config), file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        distributed.stop()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from torch import nn
 from config import RunConfig
 from methods import Method, method_class
 from model_class import TaskModel, build_head, build_shared_model, create_freeze_layers, trainable_parameters
-from model_train import evaluate, seed_everything, train_model
+from model_train import Precision, evaluate, make_precision, seed_everything, train_model
 from optimizer_lib import LocalSgd
 from reg_params import (
     RegParams,
@@ -35,8 +35,8 @@ from reg_params import (
     load_reg_params,
     save_reg_params,
 )
-from utils import Diverged
-from utils.checkpoint import CHECKPOINT, check_optimizer_state, restore_rng, save_checkpoint
+from utils import Diverged, distributed
+from utils.checkpoint import CHECKPOINT, check_optimizer_state, rank_rng, restore_rng, rng_state, save_checkpoint
 from utils.data_utils import TaskData
 from utils.model_utils import (
     check_tensors,
@@ -105,11 +105,13 @@ class RunState:
     def finish_task(self, task_no: int, task: TaskData, model: TaskModel, reg_params: RegParams, accuracy: float):
         """Keep the task's trunk, head and reg_params, and write its artefacts (trunk and reg_params last)."""
         models_dir = self.config.models_dir
-        task_folder(models_dir, task_no).mkdir(parents=True, exist_ok=True)
-        save_head(model.head, models_dir, task_no)
-        write_task_files(models_dir, task_no, accuracy, task.classes)
-        save_shared_model(model.shared, models_dir)
-        save_reg_params(reg_params, models_dir)
+        if distributed.is_writer():  # every rank holds the same model: rank 0 writes it
+            task_folder(models_dir, task_no).mkdir(parents=True, exist_ok=True)
+            save_head(model.head, models_dir, task_no)
+            write_task_files(models_dir, task_no, accuracy, task.classes)
+            save_shared_model(model.shared, models_dir)
+            save_reg_params(reg_params, models_dir)
+        distributed.barrier()
         self.shared, self.heads[task_no], self.reg_params = model.shared, model.head, reg_params
         self.after_training[task_no] = accuracy
 
@@ -162,27 +164,56 @@ def checkpoint_path(config: RunConfig) -> Path:
     return Path(config.models_dir) / CHECKPOINT
 
 
+def _restore(checkpoint: dict | None, precision: Precision) -> None:
+    """This rank's RNG states and fp16's gradient scale, as the checkpoint left them."""
+    if checkpoint is None:
+        return
+    restore_rng(rank_rng(checkpoint, distributed.rank()))
+    if precision.scaler is not None and checkpoint.get("scaler"):
+        precision.scaler.load_state_dict(checkpoint["scaler"])
+
+
+def _checkpointer(state: RunState, task_no: int, model, optimizer, reg_params, precision: Precision):
+    """After every epoch: every rank's RNG states go to rank 0, which writes the checkpoint."""
+    config = state.config
+
+    def on_epoch_end(epoch: int, history: list[dict]) -> None:
+        rng_states = distributed.gather(rng_state())
+        if distributed.is_writer():
+            scaler = precision.scaler.state_dict() if precision.scaler is not None else None
+            args = (config.recorded(), model, optimizer, reg_params, history, rng_states, scaler)
+            save_checkpoint(config.models_dir, task_no, epoch, *args)
+        distributed.barrier()
+
+    return on_epoch_end
+
+
+def _check_importance(omega: dict[str, torch.Tensor], task: TaskData) -> None:
+    if not all(torch.isfinite(o).all() for o in omega.values()):
+        raise Diverged(
+            f"{task.name}: the importance became NaN or infinite (the weights grew too large to score); "
+            "start again with a lower --init_lr (or --reg_lambda) and --overwrite"
+        )
+
+
 def mas_train(
     state: RunState, task_no: int, task: TaskData, device: torch.device, checkpoint: dict | None = None
 ) -> TaskResult:
     """Train task ``task_no`` (1-based), from its start or from ``checkpoint``, checkpointing after
     every epoch; measure its importance and test accuracy; keep and write its artefacts."""
     config = state.config
-    Path(config.models_dir).mkdir(parents=True, exist_ok=True)
+    if distributed.is_writer():
+        Path(config.models_dir).mkdir(parents=True, exist_ok=True)
     model, reg_params = _start_task(state, task_no, task, checkpoint)
     model.to(device)
     optimizer = _optimizer(model, config, checkpoint)
     method = state.method(device)
     method.start_task(task_no, model, optimizer, reg_params)
-    if checkpoint is not None:
-        restore_rng(checkpoint["rng"])
-
-    def on_epoch_end(epoch: int, history: list[dict]) -> None:
-        save_checkpoint(config.models_dir, task_no, epoch, config.recorded(), model, optimizer, reg_params, history)
-
+    precision = make_precision(config.amp, device)
+    _restore(checkpoint, precision)
     tic = time.perf_counter()
     history = train_model(
-        model,
+        distributed.wrap(model, device),
         optimizer,
         task,
         config.num_epochs,
@@ -190,16 +221,13 @@ def mas_train(
         device,
         start_epoch=0 if checkpoint is None else checkpoint["epoch"] + 1,
         history=None if checkpoint is None else checkpoint["history"],
-        on_epoch_end=on_epoch_end,
+        on_epoch_end=_checkpointer(state, task_no, model, optimizer, reg_params, precision),
+        precision=precision,
     )
     train_seconds, tic = time.perf_counter() - tic, time.perf_counter()
-    omega = method.importance(model, task)
+    omega = method.importance(model, task)  # the model itself, not its DDP wrapper: each rank scores its shard
     importance_seconds = time.perf_counter() - tic
-    if not all(torch.isfinite(o).all() for o in omega.values()):
-        raise Diverged(
-            f"{task.name}: the importance became NaN or infinite (the weights grew too large to score); "
-            "start again with a lower --init_lr (or --reg_lambda) and --overwrite"
-        )
+    _check_importance(omega, task)
     test_accuracy = evaluate(model, task.test, device, desc=f"{task.name} test")
     state.finish_task(task_no, task, model, consolidate_reg_params(reg_params, omega, model.shared), test_accuracy)
     return TaskResult(omega, test_accuracy, history, train_seconds, importance_seconds)

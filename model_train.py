@@ -8,10 +8,12 @@ are called by the task runner (``mas.mas_train``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils import Diverged, UserError
+from utils import Diverged, UserError, distributed, interrupt
 from utils.data_utils import TaskData
 
 LR_DECAY_EPOCHS = 20  # the seed decays the learning rate x0.1 every 20 epochs
@@ -41,24 +43,72 @@ def exp_lr_scheduler(optimizer: Optimizer, epoch: int, init_lr: float) -> float:
     return lr
 
 
+@dataclass
+class Precision:
+    """--amp: the dtype of the training forward pass (None: float32) and fp16's gradient scaler.
+    The importance pass and the tests always run in float32."""
+
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+
+FLOAT32 = Precision()
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_precision(amp: str, device: torch.device) -> Precision:
+    # fp16's narrow range needs the loss scaled up (and the gradients back down); bf16 has float32's range.
+    return Precision(AMP_DTYPES[amp], torch.amp.GradScaler(device.type) if amp == "fp16" else None)
+
+
+def _autocast(device: torch.device, precision: Precision):
+    if precision.dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=precision.dtype)
+
+
+def _loss_value(loss: torch.Tensor) -> float:
+    """The batch's loss; with several ranks the mean over them, in one all-reduce with the ranks'
+    interrupt requests, so that every rank sees a divergence or a Ctrl-C at the same step."""
+    if not distributed.active():
+        return loss.item()
+    (total,) = interrupt.check_everywhere([loss.item()])
+    return total / torch.distributed.get_world_size()
+
+
+def _backward_and_step(loss: torch.Tensor, optimizer: Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # unscales the gradients first: LocalSgd adds the penalty to unscaled gradients
+    scaler.update()
+
+
 def train_one_epoch(
-    model: nn.Module, optimizer: Optimizer, task: TaskData, device: torch.device, desc: str
+    model: nn.Module,
+    optimizer: Optimizer,
+    task: TaskData,
+    device: torch.device,
+    desc: str,
+    precision: Precision = FLOAT32,
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy (%) over one pass of the training loader."""
     model.train()
     criterion = nn.CrossEntropyLoss()
     loss_sum = correct = seen = 0
-    bar = tqdm(task.train, desc=desc, leave=False, disable=None)
+    bar = tqdm(task.train, desc=desc, leave=False, disable=None if distributed.is_writer() else True)
     for inputs, labels in bar:
-        inputs, labels = inputs.to(device), labels.to(device)
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        logits = model(inputs)
-        loss = criterion(logits, labels)
-        loss_value = loss.item()
+        with _autocast(device, precision):
+            logits = model(inputs)
+            loss = criterion(logits, labels)
+        loss_value = _loss_value(loss)
         if not math.isfinite(loss_value):
             raise Diverged(f"{task.name}: the training loss became {loss_value} at {desc}")
-        loss.backward()
-        optimizer.step()
+        _backward_and_step(loss, optimizer, precision.scaler)
         loss_sum += loss_value * labels.numel()
         correct += (logits.argmax(1) == labels).sum().item()
         seen += labels.numel()
@@ -76,6 +126,7 @@ def train_model(
     start_epoch: int = 0,
     history: list[dict] | None = None,
     on_epoch_end: EpochEnd | None = None,
+    precision: Precision = FLOAT32,
 ) -> list[dict]:
     """Epochs ``start_epoch .. num_epochs-1``; returns the history of every epoch of the task."""
     history = list(history or [])
@@ -84,16 +135,17 @@ def train_model(
         lr = exp_lr_scheduler(optimizer, epoch, init_lr)
         desc = f"{task.name} epoch {epoch + 1}/{num_epochs}"
         try:
-            loss, accuracy = train_one_epoch(model, optimizer, task, device, desc)
+            loss, accuracy = train_one_epoch(model, optimizer, task, device, desc, precision)
             _check_finite_weights(model, f"{task.name}: the weights became NaN or infinite in {desc}")
         except Diverged as err:
             raise Diverged(f"{err}; {_what_is_kept(epoch)}") from None
         seconds = time.perf_counter() - tic
         history.append({"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "lr": lr, "seconds": seconds})
-        tqdm.write(
-            f"{task.name} epoch {epoch + 1:>3}/{num_epochs}  loss {loss:.4f}  acc {accuracy:6.2f}%  "
-            f"lr {lr:.2e}  {seconds:.1f}s"
-        )
+        if distributed.is_writer():
+            tqdm.write(
+                f"{task.name} epoch {epoch + 1:>3}/{num_epochs}  loss {loss:.4f}  acc {accuracy:6.2f}%  "
+                f"lr {lr:.2e}  {seconds:.1f}s"
+            )
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
     return history
@@ -123,6 +175,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
         logits = model(inputs.to(device))
         correct += (logits.argmax(1).cpu() == labels).sum().item()
         total += labels.numel()
+    if distributed.active():  # each rank scored its own shard of the test set
+        counts = torch.tensor([correct, total], dtype=torch.float64, device=device)
+        distributed.sum_([counts])
+        correct, total = (int(c) for c in counts.tolist())
     if total == 0:
         raise UserError(f"no images to evaluate in {getattr(loader.dataset, 'root', 'the test set')}")
     return 100.0 * correct / total

@@ -55,6 +55,16 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def rank_rng(checkpoint: dict[str, Any], rank: int) -> dict[str, Any]:
+    """The RNG states this rank saved (every rank's are kept when several ran)."""
+    per_rank = checkpoint.get("rng_per_rank")
+    if per_rank is None:
+        return checkpoint["rng"]
+    if rank >= len(per_rank):
+        raise UserError(f"the checkpoint holds the RNG states of {len(per_rank)} ranks, not of rank {rank}")
+    return per_rank[rank]
+
+
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
@@ -75,8 +85,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     reg_params: dict,
     history: list[dict],
+    rng_states: list[dict] | None = None,
+    scaler_state: dict | None = None,
 ) -> None:
-    """State after ``epoch`` (0-based) of task ``task_no``; ``args`` are the run's recorded arguments."""
+    """State after ``epoch`` (0-based) of task ``task_no``; ``args`` are the run's recorded arguments;
+    ``rng_states``: every rank's RNG states (torchrun; this process's by default); ``scaler_state``:
+    fp16's gradient scaler (--amp fp16)."""
+    rng_states = rng_states or [rng_state()]
     optimizer_state = optimizer.state_dict()
     optimizer_state["state"] = {
         i: {k: v for k, v in s.items() if k not in _IMPORTANCE_KEYS} for i, s in optimizer_state["state"].items()
@@ -93,7 +108,9 @@ def save_checkpoint(
             # At a task's start prev_omega == omega (see reg_params.py): store it once.
             "reg_params": {n: {"omega": e["omega"], "init_val": e["init_val"]} for n, e in reg_params.items()},
             "history": history,
-            "rng": rng_state(),
+            "rng": rng_states[0],
+            **({"rng_per_rank": rng_states} if len(rng_states) > 1 else {}),
+            **({"scaler": scaler_state} if scaler_state is not None else {}),
         },
         Path(models_dir) / CHECKPOINT,
     )
@@ -128,6 +145,10 @@ def _check_checkpoint(checkpoint: dict[str, Any], where: str) -> None:
         for key in ("omega", "init_val"):
             schema.entry(entry, key, torch.Tensor, f"{where}: reg_params[{name!r}]")
     _check_rng(schema.entry(checkpoint, "rng", dict, where), f"{where}: 'rng'")
+    per_rank = schema.entry(checkpoint, "rng_per_rank", list, where, default=[])
+    for rank, state in enumerate(schema.items(per_rank, dict, f"{where}: 'rng_per_rank'")):
+        _check_rng(state, f"{where}: 'rng_per_rank'[{rank}]")
+    schema.entry(checkpoint, "scaler", dict, where, default={})
 
 
 def _check_rng(state: dict[str, Any], where: str) -> None:

@@ -23,7 +23,10 @@ import signal
 import threading
 from collections.abc import Iterator
 
+import torch
 from torch.utils.data import DataLoader
+
+from utils import distributed
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _requested: list[int] = []  # the signals received while stop_at_safe_points is active
@@ -84,6 +87,20 @@ def check() -> None:
         raise Interrupted(signal.Signals(_requested[0]).name)
 
 
+def check_everywhere(extra: list[float] | None = None) -> list[float]:
+    """``check`` at a point every rank reaches in step (an optimizer step, between tasks): with several
+    ranks the request is summed over them, so that they all stop at the same step. ``extra`` values
+    ride along in the same all-reduce (the step's loss); their sums are returned."""
+    values = [*(extra or []), float(len(_requested))]
+    if distributed.active():
+        summed = torch.tensor(values, dtype=torch.float64)
+        distributed.sum_([summed])
+        values = summed.tolist()
+    if values[-1]:
+        raise Interrupted(signal.Signals(_requested[0]).name if _requested else "a signal to another rank")
+    return values[:-1]
+
+
 @contextlib.contextmanager
 def signals_blocked() -> Iterator[None]:
     """Hold SIGINT and SIGTERM in this thread and in the processes it starts meanwhile."""
@@ -114,7 +131,8 @@ class InterruptibleLoader(DataLoader):
             iterator = super().__iter__()
         try:
             for batch in iterator:
-                check()
+                if not distributed.active():  # ranks stop together at a step instead (check_everywhere)
+                    check()
                 yield batch
         finally:
             del iterator  # stops the workers now, not at garbage collection

@@ -1,0 +1,198 @@
+"""Several processes, one per device, launched by ``torchrun`` (as pytorch/examples' ImageNet and nanoGPT).
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (and the rendezvous address); a plain ``python3 main.py``
+has none of them and runs as one process, exactly as without this module. Everything here is
+PyTorch's own machinery: ``torch.distributed`` with ``nccl`` on GPUs and ``gloo`` on the CPU, its
+collectives and its samplers' conventions; there is no launcher, rendezvous or all-reduce of our own.
+
+Rank 0 alone writes files; the others wait at a barrier. What rank 0 decides about the files (an
+error, say, that the models folder holds another run) reaches every rank, so that every rank stops
+with the same one line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import RandomSampler, Sampler
+
+from utils import UserError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks of a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    restart: int = 0  # TORCHELASTIC_RESTART_COUNT: how many times torchrun restarted the group
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def writer(self) -> bool:
+        """Whether this rank writes the files (rank 0)."""
+        return self.rank == 0
+
+
+def from_environment(environ: dict[str, str] | None = None) -> World:
+    """The World torchrun describes in the environment; World() for a plain process."""
+    env = os.environ if environ is None else environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return World()
+    try:
+        rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_rank, restart = int(env.get("LOCAL_RANK", rank)), int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
+    except ValueError as err:
+        raise UserError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers ({err})") from None
+    if not 0 <= rank < size or local_rank < 0:
+        raise UserError(f"RANK {rank}, LOCAL_RANK {local_rank} and WORLD_SIZE {size} are inconsistent")
+    return World(rank, local_rank, size, restart)
+
+
+def start(world: World, use_gpu: bool) -> torch.device:
+    """The device of this rank, with the process group joined under torchrun."""
+    if use_gpu:
+        if not torch.cuda.is_available():
+            raise UserError(
+                "--use_gpu was given but CUDA is not available on this machine; drop the flag to train on the CPU"
+            )
+        if world.local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"--use_gpu: local rank {world.local_rank} needs GPU {world.local_rank}, but this node has "
+                f"{torch.cuda.device_count()}; start at most that many processes per node (--nproc_per_node)"
+            )
+        torch.cuda.set_device(world.local_rank)
+    device = torch.device("cuda", world.local_rank) if use_gpu else torch.device("cpu")
+    if world.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_gpu else "gloo", device_id=device if use_gpu else None)
+    return device
+
+
+def lost_a_rank(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another rank stopped or vanished."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return (
+        active()
+        and isinstance(err, RuntimeError)
+        and any(
+            mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "Gloo", "gloo", "NCCL")
+        )
+    )
+
+
+def stop() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    """Whether this process is one of several ranks (a process group is joined)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def is_writer() -> bool:
+    """Whether this process writes files and prints progress (rank 0, or the only process)."""
+    return not active() or dist.get_rank() == 0
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model for training: DistributedDataParallel over the ranks (gradients averaged in the
+    backward pass, so every rank's optimizer takes the same step), or the model itself."""
+    if not active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def sum_(tensors: list[torch.Tensor]) -> None:
+    """Sum every tensor over the ranks, in place (a no-op in one process)."""
+    if active():
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order (``[value]`` in one process)."""
+    if not active():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def on_writer(work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0 only; every rank gets its result, or raises its UserError."""
+    if not active():
+        return work()
+    outcome: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome = [("ok", work())]
+        except UserError as err:
+            outcome = [("error", str(err))]
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+class ShardedRandomSampler(RandomSampler):
+    """RandomSampler's permutation, drawn from the global RNG exactly as RandomSampler draws it, cut
+    into ``size`` interleaved shards (rank r takes positions r, r + size, ...; padded by repeating the
+    first positions, as DistributedSampler, so that every rank takes as many steps). Every rank seeds
+    the global RNG alike, so they draw the same permutation; with a per-rank batch of B / size, the
+    union of the ranks' batches at each step is the batch one process takes with batch size B."""
+
+    def __init__(self, data_source, rank: int, size: int) -> None:
+        super().__init__(data_source)
+        self.rank, self.size = rank, size
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(super().__iter__())
+        padded = order + order[: math.ceil(len(order) / self.size) * self.size - len(order)]
+        return iter(padded[self.rank :: self.size])
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.data_source) / self.size)
+
+
+class ShardSampler(Sampler):
+    """A contiguous block of a dataset, in order, without padding: rank r takes positions
+    [r N / size, (r + 1) N / size). Every sample is scored by exactly one rank (importance, tests), so
+    sums over ranks count each sample once; and a rank's batches are the batches one process takes at
+    that batch size whenever a block holds a whole number of batches."""
+
+    def __init__(self, data_source, rank: int, size: int) -> None:
+        length = len(data_source)
+        self.start, self.stop = rank * length // size, (rank + 1) * length // size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
