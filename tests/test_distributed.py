@@ -1,0 +1,191 @@
+"""torchrun on the CPU (gloo): 2 ranks against 1 process, two nodes on 127.0.0.1, a rank killed and
+restarted by torchrun, and the errors every rank must give. Real processes, bounded in time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_same_run, write_dataset
+from main import main
+from utils.io_utils import load_tensor_pickle
+
+# 24 training images a task: 3 global batches of 8 = 2 ranks x 4; the test set (8) splits into 2 x 4.
+FLAGS = ["--num_epochs", "3", "--batch_size", "8", "--init_lr", "0.05", "--momentum", "0.9", "--seed", "5"]
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("ddp") / "Data", num_tasks=2, n_train=12, n_test=4)
+
+
+def _env() -> dict[str, str]:
+    # One thread per rank (2 ranks on 2 cores); the checkout's modules, whatever is installed.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun(*args: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
+        *args,
+    ]
+
+
+def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, **kwargs)
+
+
+def _argv(data: Path, models: Path, *flags: str) -> list[str]:
+    return ["--data_dir", str(data), "--models_dir", str(models), *FLAGS, *flags]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _assert_close_runs(models: Path, reference: Path) -> None:
+    """Same accuracy matrix; trunk, heads and Omega within 1e-5 relative (float summation order)."""
+    matrices = [json.loads((m / "results.json").read_text())["accuracy_matrix"] for m in (models, reference)]
+    assert matrices[0] == matrices[1]
+    for name in ("shared_model.pth", "Task_1/head.pth", "Task_2/head.pth"):
+        ours, ref = (torch.load(m / name, weights_only=True) for m in (models, reference))
+        assert all(_close(ours[k], ref[k]) for k in ref), name
+    ours, ref = (load_tensor_pickle(m / "reg_params.pickle") for m in (models, reference))
+    for name in ref:
+        for key in ("omega", "init_val", "prev_omega"):
+            assert _close(ours[name][key], ref[name][key]), (name, key)
+
+
+@pytest.mark.parametrize(
+    "method", [["--method", "mas", "--omega_estimator", "per_sample"], ["--method", "ewc"], ["--method", "si"]],
+    ids=["mas", "ewc", "si"],
+)
+def test_two_ranks_equal_one_process(data, tmp_path, method):
+    single, ranks = tmp_path / "single", tmp_path / "ranks"
+    main(_argv(data, single, *method, "--reg_lambda", "0.5"))
+    per_rank = tmp_path / "per_rank"
+    done = _run(_torchrun("tests/ddp_driver.py", str(per_rank), *_argv(data, ranks, *method, "--reg_lambda", "0.5")))
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_close_runs(ranks, single)
+    assert json.loads((ranks / "results.json").read_text())["args"]["world_size"] == 2
+    for task in (1, 2):  # the ranks hold the same model, Omega and theta*, bit for bit
+        rank0, rank1 = (torch.load(per_rank / f"rank{r}_task{task}.pt", weights_only=True) for r in (0, 1))
+        assert all(torch.equal(rank0["model"][k], rank1["model"][k]) for k in rank0["model"])
+        for name, entry in rank0["reg_params"].items():
+            assert all(torch.equal(entry[k], rank1["reg_params"][name][k]) for k in entry)
+        assert rank0["accuracy"] == rank1["accuracy"]
+    assert "== Task_1" in done.stdout and done.stdout.count("Task | after training") == 1  # rank 0 prints
+
+
+def test_two_nodes_on_loopback_equal_one_node_with_two_ranks(data, tmp_path):
+    one_node, two_nodes = tmp_path / "one", tmp_path / "two"
+    done = _run(_torchrun("main.py", *_argv(data, one_node)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    port = _free_port()
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=mas-test", "main.py", *_argv(data, two_nodes),
+            ],
+            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=TIMEOUT) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert_same_run(two_nodes, one_node)
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of the worker of ``rank`` among the launcher's descendants (from their environment)."""
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text().split()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and int(stat[3]) == launcher.pid:
+            return pid
+    return None
+
+
+def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_an_uninterrupted_one(data, tmp_path):
+    reference, models = tmp_path / "reference", tmp_path / "models"
+    slower = ("--num_epochs", "6")
+    done = _run(_torchrun("main.py", *_argv(data, reference, *slower)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    launcher = subprocess.Popen(
+        _torchrun("main.py", *_argv(data, models, *slower), extra=("--max-restarts=1",)),
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    for line in launcher.stdout:  # rank 0 prints the epochs: kill rank 1 in the middle of task 2
+        if line.startswith("Task_2 epoch   2/"):
+            os.kill(_rank_pid(launcher, 1), signal.SIGKILL)
+            break
+    out, err = launcher.communicate(timeout=TIMEOUT)
+    assert launcher.returncode == 0, err[-3000:]
+    assert "torchrun restarted the workers (restart 1): resuming from the last checkpoint" in out
+    assert_same_run(models, reference)
+
+
+def test_a_batch_that_does_not_split_is_one_line_on_every_rank(data, tmp_path):
+    done = _run(_torchrun("main.py", *_argv(data, tmp_path / "m"), "--batch_size", "7"))
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == ["error: --batch_size 7 does not split evenly among the 2 processes: give a multiple of 2 "
+                     "(it is the global batch)"] * 2
+    assert not (tmp_path / "m").exists()
+
+
+def test_use_gpu_without_gpus_is_one_line_on_every_rank(data, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = _run(_torchrun("main.py", *_argv(data, tmp_path / "m"), "--use_gpu"))
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 2 and all("CUDA is not available" in line for line in lines)
+
+
+def test_a_plain_process_is_rank_0_of_1():
+    from utils.distributed import World, from_environment
+
+    assert from_environment({}) == World()
+    world = from_environment({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "TORCHELASTIC_RESTART_COUNT": "3"})
+    assert (world.rank, world.size, world.local_rank, world.restart, world.writer) == (1, 2, 1, 3, False)
+
+
+def test_shards_cover_every_sample_once_and_training_shards_make_the_global_batch():
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    from utils.distributed import ShardedRandomSampler, ShardSampler
+
+    data = list(range(23))
+    shards = [list(ShardSampler(data, r, 3)) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == data and all(s == sorted(s) for s in shards)
+    torch.manual_seed(4)
+    single = list(BatchSampler(RandomSampler(data), 6, drop_last=False))
+    per_rank = []
+    for rank in range(2):
+        torch.manual_seed(4)  # every rank seeds alike
+        per_rank.append(list(BatchSampler(ShardedRandomSampler(data, rank, 2), 3, drop_last=False)))
+    assert len(per_rank[0]) == len(per_rank[1])
+    for step, batch in enumerate(single[:-1]):  # the last batch is padded to split evenly
+        assert sorted(per_rank[0][step] + per_rank[1][step]) == sorted(batch)
