@@ -43,8 +43,13 @@ def memory_budget() -> int | None:
         return None
 
 
-def _megabytes(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.1f} MB"
+def format_bytes(nbytes: int) -> str:
+    """1536 -> "1.5 kB"; binary units."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
 
 
 @dataclass(eq=False)
@@ -69,7 +74,7 @@ class RunCache:
 
     mode: str
     num_workers: int
-    budget: int | None = field(default_factory=memory_budget)
+    budget: int | None = field(default_factory=lambda: memory_budget())  # looked up when called
     tasks: dict[str, dict[str, SplitStore]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -106,9 +111,9 @@ class RunCache:
         needed, held = sum(s.estimated_bytes() for s in stores), self.held_bytes()
         if self.budget is not None and held + needed <= self.budget:
             return True
-        budget = "unknown" if self.budget is None else _megabytes(self.budget)
+        budget = "unknown" if self.budget is None else format_bytes(self.budget)
         tqdm.write(
-            f"--cache auto: {task} ({_megabytes(needed)}, with {_megabytes(held)} held) does not fit the memory "
+            f"--cache auto: {task} ({format_bytes(needed)}, with {format_bytes(held)} held) does not fit the memory "
             f"budget ({budget}, a quarter of the RAM); reading its files every epoch"
         )
         for store in stores:
