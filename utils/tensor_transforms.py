@@ -13,7 +13,7 @@ bit for bit the batch read from the files whenever the geometric part is the sam
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,20 +34,33 @@ def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return images.float().div(255).sub(mean.view(per_channel)).div(std.view(per_channel))
 
 
-def geometric_transform(image_size: int, augment: bool, train: bool) -> v2.Transform:
+def geometric_transform(image_size: int, augment: bool, train: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """The uint8 -> uint8 part of build_transforms (antialiased, as PIL's resize)."""
     if augment and train:
         return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
     if augment:
         return v2.Compose([v2.Resize(test_resize(image_size), antialias=True), v2.CenterCrop(image_size)])
-    return v2.Resize((image_size, image_size), antialias=True)
+    return ResizeTo(image_size)
+
+
+class ResizeTo:
+    """v2.Resize((size, size)) that returns images already of that size untouched, without entering v2's
+    dispatch: for data that is not augmented the cache decodes at the model size, and on small images
+    (digits: 8x8, a batch in microseconds) that dispatch would cost more than the rest of the batch."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.resize = v2.Resize((size, size), antialias=True)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images if images.shape[-2:] == (self.size, self.size) else self.resize(images)
 
 
 @dataclass(frozen=True)
 class TensorTransform:
     """A geometric transform, then ``normalise``, applied to a uint8 batch N x C x H x W on its device."""
 
-    geometric: v2.Transform
+    geometric: Callable[[torch.Tensor], torch.Tensor]
     mean: torch.Tensor  # float32, one value per channel
     std: torch.Tensor
     per_sample: bool  # random parameters: each sample draws its own, in batch order
