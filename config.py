@@ -25,6 +25,7 @@ from model_train import AMP_DTYPES
 from optimizer_lib import PENALTY_STEPS
 from utils import UserError
 from utils.cli import OneLineParser, at_least, int_between, positive_float, seed, unit_interval
+from utils.data_cache import CACHE_MODES
 from utils.data_utils import data_fingerprint, read_manifest
 
 # Flags that are not part of what a run computes: never recorded, never compared on --resume.
@@ -116,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="data loading processes (default: %(default)s)",
     )
+    p.add_argument(
+        "--cache",
+        choices=CACHE_MODES,
+        default="auto",
+        help="ram: decode each task's images once into memory; off: read the files every epoch; auto: ram while "
+        "a task fits a quarter of the machine's RAM, else off (default: %(default)s)",
+    )
+    p.add_argument(
+        "--importance_batch_size",
+        type=int_between(1, MAX_BATCH),
+        default=None,
+        help="batch size of the importance pass; the batch estimator of --method mas depends on it "
+        "(default: %(default)s, i.e. --batch_size)",
+    )
     p.add_argument("--seed", type=seed, default=0, help="seed of every random number generator (default: %(default)s)")
     p.add_argument(
         "--eval_every_task",
@@ -165,6 +180,8 @@ class RunConfig:
     pretrained: bool
     image_size: int  # resolved: 224 for alexnet unless given, else the stored size
     num_workers: int
+    cache: str  # auto, ram or off (utils/data_cache.py)
+    importance_batch_size: int  # resolved: --batch_size unless given
     seed: int
     eval_every_task: bool
     plot: bool
@@ -248,8 +265,9 @@ def make_config(values: Mapping[str, Any], manifest: Mapping[str, Any], applied:
     arch = common["arch"]
     image_size = common["image_size"] or (224 if arch == "alexnet" else manifest["image_size"])
     check_image_size(arch, image_size)
+    importance_batch_size = common["importance_batch_size"] or common["batch_size"]
     return RunConfig(
-        **{**common, "image_size": image_size},
+        **{**common, "image_size": image_size, "importance_batch_size": importance_batch_size},
         method_options=MappingProxyType({k: values[k] for k in options}),
         channels=3 if arch == "alexnet" else manifest["channels"],
         data_fingerprint=data_fingerprint(manifest),

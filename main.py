@@ -22,6 +22,7 @@ from mas import ForgettingRow, RunState, compute_forgetting, mas_train
 from methods import method_class
 from utils import Diverged, UserError, distributed, interrupt
 from utils.checkpoint import CHECKPOINT, argument_differences, load_checkpoint, remove_checkpoint
+from utils.data_cache import RunCache
 from utils.data_utils import make_task_data, task_dirs
 from utils.model_utils import pretrained_alexnet_state
 from utils.results import RESULTS, format_pp, load_results, new_results, record_task, save_results
@@ -127,8 +128,16 @@ def _load_tasks(config: RunConfig) -> list:
     manifest = config.manifest
     applied = ", ".join(f"{k}={v}" for k, v in config.applied_defaults.items())
     say(f"{manifest['dataset']}: {len(manifest['tasks'])} tasks; defaults from the manifest: {applied or 'none'}")
+    cache = RunCache(config.cache, config.num_workers)  # decodes each task's images when it first needs them
+    loaders = {
+        "importance_batch_size": config.importance_batch_size,
+        "cache": cache,
+        "transform_on": torch.device("cuda") if config.use_gpu else None,  # cached batches: transformed on the GPU
+    }
     return [
-        make_task_data(f, manifest, config.channels, config.image_size, config.batch_size, config.num_workers)
+        make_task_data(
+            f, manifest, config.channels, config.image_size, config.batch_size, config.num_workers, **loaders
+        )
         for f in task_dirs(config.data_dir, manifest)
     ]
 

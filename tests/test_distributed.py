@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +41,12 @@ def _free_port() -> int:
 
 def _torchrun(*args: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *extra,
         *args,
     ]
 
@@ -73,7 +77,8 @@ def _assert_close_runs(models: Path, reference: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "method", [["--method", "mas", "--omega_estimator", "per_sample"], ["--method", "ewc"], ["--method", "si"]],
+    "method",
+    [["--method", "mas", "--omega_estimator", "per_sample"], ["--method", "ewc"], ["--method", "si"]],
     ids=["mas", "ewc", "si"],
 )
 def test_two_ranks_equal_one_process(data, tmp_path, method):
@@ -101,11 +106,23 @@ def test_two_nodes_on_loopback_equal_one_node_with_two_ranks(data, tmp_path):
     nodes = [
         subprocess.Popen(
             [
-                sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
-                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-                "--rdzv_id=mas-test", "main.py", *_argv(data, two_nodes),
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                "--nproc_per_node=1",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=mas-test",
+                "main.py",
+                *_argv(data, two_nodes),
             ],
-            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for rank in (0, 1)
     ]
@@ -134,7 +151,11 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_an_uninterru
     assert done.returncode == 0, done.stderr[-3000:]
     launcher = subprocess.Popen(
         _torchrun("main.py", *_argv(data, models, *slower), extra=("--max-restarts=1",)),
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     for line in launcher.stdout:  # rank 0 prints the epochs: kill rank 1 in the middle of task 2
         if line.startswith("Task_2 epoch   2/"):
@@ -150,8 +171,14 @@ def test_a_batch_that_does_not_split_is_one_line_on_every_rank(data, tmp_path):
     done = _run(_torchrun("main.py", *_argv(data, tmp_path / "m"), "--batch_size", "7"))
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert lines == ["error: --batch_size 7 does not split evenly among the 2 processes: give a multiple of 2 "
-                     "(it is the global batch)"] * 2
+    assert (
+        lines
+        == [
+            "error: --batch_size 7 does not split evenly among the 2 processes: give a multiple of 2 "
+            "(it is the global batch)"
+        ]
+        * 2
+    )
     assert not (tmp_path / "m").exists()
 
 

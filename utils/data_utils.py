@@ -13,27 +13,32 @@ and scored on the second.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from utils import UserError
+from utils.data_cache import RunCache, SplitStore
+from utils.image_decode import read_image
 from utils.interrupt import InterruptibleLoader
 from utils.io_utils import load_json
 from utils.manifest import check_manifest
+from utils.tensor_data import CachedLoader, SplitDataset
+from utils.tensor_transforms import TensorTransform, tensor_transform, test_resize
 
 MANIFEST = "manifest.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _TASK_DIR = re.compile(r"^Task_(\d+)$")
-# The seed resized to 256 and centre-cropped 224 at test time: keep that ratio at any size.
-_RESIZE_RATIO = 256 / 224
 
 
 @dataclass
@@ -45,6 +50,18 @@ class TaskData:
     train: DataLoader  # training transforms, shuffled
     importance: DataLoader  # training images with test transforms (no augmentation), as the authors
     test: DataLoader
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How a task's loaders serve their batches (``main.py``'s --batch_size, --num_workers,
+    --importance_batch_size, --cache)."""
+
+    batch_size: int
+    num_workers: int
+    importance_batch_size: int | None = None  # None: batch_size
+    cache: RunCache | None = None  # None: the files every epoch (--cache off)
+    transform_on: torch.device | None = None  # cached batches: transformed on this device, else in the loader
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
@@ -110,17 +127,9 @@ def check_task(task_dir: Path, manifest_classes: list[str]) -> list[str]:
     return train
 
 
-def image_loader(mode: str):
-    """A PIL loader that names the file when an image is corrupt or truncated."""
-
-    def load(path: str) -> Image.Image:
-        try:
-            with Image.open(path) as img:
-                return img.convert(mode)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise UserError(f"corrupt or unreadable image {path}: {err}") from err
-
-    return load
+def image_loader(mode: str) -> Callable[[str], Image.Image]:
+    """A PIL loader that names the file when an image is corrupt, truncated or declares a huge size."""
+    return functools.partial(read_image, mode=mode)
 
 
 def build_transforms(image_size: int, mean: list[float], std: list[float], augment: bool, train: bool):
@@ -132,8 +141,9 @@ def build_transforms(image_size: int, mean: list[float], std: list[float], augme
             [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), *normalise]
         )
     if augment:
-        resize = round(image_size * _RESIZE_RATIO)
-        return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size), *normalise])
+        return transforms.Compose(
+            [transforms.Resize(test_resize(image_size)), transforms.CenterCrop(image_size), *normalise]
+        )
     return transforms.Compose([transforms.Resize((image_size, image_size)), *normalise])
 
 
@@ -151,9 +161,20 @@ def _loader(folder: Path, transform, mode: str, batch_size: int, shuffle: bool, 
 
 
 def make_task_data(
-    task_dir: Path, manifest: dict[str, Any], channels: int, image_size: int, batch_size: int, num_workers: int
+    task_dir: Path,
+    manifest: dict[str, Any],
+    channels: int,
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    *,
+    importance_batch_size: int | None = None,
+    cache: RunCache | None = None,
+    transform_on: torch.device | None = None,
 ) -> TaskData:
-    """Loaders for one task. ``channels`` is what the model wants (AlexNet: 3)."""
+    """Loaders for one task. ``channels`` is what the model wants (AlexNet: 3); the importance loader
+    takes ``importance_batch_size`` (default ``batch_size``); ``cache``: see LoaderSettings."""
+    settings = LoaderSettings(batch_size, num_workers, importance_batch_size, cache, transform_on)
     entry = next(t for t in manifest["tasks"] if t["name"] == task_dir.name)
     classes = check_task(task_dir, entry["classes"])
     mean, std = _stats_for(manifest, channels)
@@ -161,13 +182,57 @@ def make_task_data(
     mode = "RGB" if channels == 3 else "L"
     train_tf = build_transforms(image_size, mean, std, augment, train=True)
     test_tf = build_transforms(image_size, mean, std, augment, train=False)
-    return TaskData(
-        name=task_dir.name,
-        classes=classes,
-        train=_loader(task_dir / "train", train_tf, mode, batch_size, True, num_workers),
-        importance=_loader(task_dir / "train", test_tf, mode, batch_size, False, num_workers),
-        test=_loader(task_dir / "test", test_tf, mode, batch_size, False, num_workers),
-    )
+    specs = {  # loader: (folder, transform of the file path, batch size, shuffle)
+        "train": (task_dir / "train", train_tf, settings.batch_size, True),
+        "importance": (task_dir / "train", test_tf, settings.importance_batch_size or settings.batch_size, False),
+        "test": (task_dir / "test", test_tf, settings.batch_size, False),
+    }
+    if settings.cache is None or settings.cache.mode == "off":
+        loaders = {
+            k: _loader(f, tf, mode, bs, shuffle, settings.num_workers) for k, (f, tf, bs, shuffle) in specs.items()
+        }
+    else:
+        # Data that is not augmented is resized deterministically: once, while decoding, by the file path's own
+        # PIL resize, so that batches from memory are bit for bit those from the files.
+        pil_resize = None if augment else transforms.Resize((image_size, image_size))
+
+        def tensor_tf(train: bool) -> TensorTransform:
+            return tensor_transform(image_size, mean, std, augment, train)
+
+        loaders = _cached_loaders(task_dir.name, specs, mode, pil_resize, tensor_tf, settings)
+    return TaskData(name=task_dir.name, classes=classes, **loaders)
+
+
+def _cached_loaders(
+    task: str,
+    specs: dict[str, tuple],
+    mode: str,
+    pil_resize: Callable | None,
+    tensor_tf: Callable[[bool], TensorTransform],
+    settings: LoaderSettings,
+) -> dict[str, CachedLoader]:
+    """The loaders of ``specs`` over the run's cache: a train and a test split, the importance loader
+    sharing the train split's images."""
+    files = {
+        k: datasets.ImageFolder(str(f), transform=tf, loader=image_loader(mode)) for k, (f, tf, *_) in specs.items()
+    }
+    stores = {s: SplitStore(f"{task} {s}", files[s].samples, mode, pil_resize) for s in ("train", "test")}
+    settings.cache.add(task, stores)
+    loaders = {}
+    for kind, (_, _, batch_size, shuffle) in specs.items():
+        split = "test" if kind == "test" else "train"
+        transform = tensor_tf(kind == "train")
+        loaders[kind] = CachedLoader(
+            SplitDataset(files[kind], stores[split], None if settings.transform_on else transform),
+            functools.partial(settings.cache.prepare, task, split),
+            settings.transform_on,
+            transform,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=settings.num_workers,
+            persistent_workers=False,  # as _loader: workers seeded from the main RNG every epoch
+        )
+    return loaders
 
 
 def _stats_for(manifest: dict[str, Any], channels: int) -> tuple[list[float], list[float]]:
