@@ -124,7 +124,7 @@ def _task_entry(task_no: int, task, result, wall_seconds: float, resumed: bool) 
     }
 
 
-def _load_tasks(config: RunConfig) -> list:
+def _load_tasks(config: RunConfig, device: torch.device) -> list:
     manifest = config.manifest
     applied = ", ".join(f"{k}={v}" for k, v in config.applied_defaults.items())
     say(f"{manifest['dataset']}: {len(manifest['tasks'])} tasks; defaults from the manifest: {applied or 'none'}")
@@ -132,7 +132,7 @@ def _load_tasks(config: RunConfig) -> list:
     loaders = {
         "importance_batch_size": config.importance_batch_size,
         "cache": cache,
-        "transform_on": torch.device("cuda") if config.use_gpu else None,  # cached batches: transformed on the GPU
+        "transform_on": device if device.type == "cuda" else None,  # cached batches: transformed on the GPU
     }
     return [
         make_task_data(
@@ -208,7 +208,7 @@ def _fetch_pretrained_weights(config: RunConfig) -> None:
 
 
 def run(config: RunConfig, device: torch.device) -> dict:
-    tasks = _load_tasks(config)
+    tasks = _load_tasks(config, device)
     _fetch_pretrained_weights(config)
     interrupt.check_everywhere()
     state, checkpoint = open_run(config)
@@ -222,11 +222,12 @@ def run(config: RunConfig, device: torch.device) -> dict:
 def for_world(config: RunConfig, world: distributed.World) -> RunConfig:
     """The run as one rank of ``world`` sees it: --batch_size is the global batch, split evenly; after
     torchrun restarted the workers (a worker died), the run continues from its last checkpoint."""
-    if world.size > 1 and config.batch_size % world.size:
-        raise UserError(
-            f"--batch_size {config.batch_size} does not split evenly among the {world.size} processes: "
-            f"give a multiple of {world.size} (it is the global batch)"
-        )
+    for flag in ("batch_size", "importance_batch_size"):
+        if getattr(config, flag) % world.size:
+            raise UserError(
+                f"--{flag} {getattr(config, flag)} does not split evenly among the {world.size} processes: "
+                f"give a multiple of {world.size} (it is the global batch)"
+            )
     config = dataclasses.replace(config, world_size=world.size)
     if world.restart and not config.resume and is_run_folder(Path(config.models_dir)):
         say(f"torchrun restarted the workers (restart {world.restart}): resuming from the last checkpoint")

@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from utils import UserError
+from utils import UserError, distributed
 from utils.data_cache import RunCache, SplitStore
 from utils.image_decode import read_image
 from utils.interrupt import InterruptibleLoader
@@ -147,12 +147,24 @@ def build_transforms(image_size: int, mean: list[float], std: list[float], augme
     return transforms.Compose([transforms.Resize((image_size, image_size)), *normalise])
 
 
+def sampling(dataset, batch_size: int, shuffle: bool) -> dict[str, Any]:
+    """DataLoader arguments for this process's share of a split. One process: the batch size and a
+    shuffle (RandomSampler). Under torchrun, ``batch_size`` is the global batch: each rank takes an
+    equal part of it, and a shard of the data: for training the interleaved shards of one permutation
+    (every rank draws it alike), so that the ranks' batches together are one process's batch; for the
+    importance pass and the tests contiguous blocks without padding, so that every sample counts once."""
+    rank, size = distributed.rank(), distributed.world_size()
+    if size == 1:
+        return {"batch_size": batch_size, "shuffle": shuffle}
+    sampler = distributed.ShardedRandomSampler if shuffle else distributed.ShardSampler
+    return {"batch_size": batch_size // size, "sampler": sampler(dataset, rank, size)}
+
+
 def _loader(folder: Path, transform, mode: str, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
     dataset = datasets.ImageFolder(str(folder), transform=transform, loader=image_loader(mode))
     return InterruptibleLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+        **sampling(dataset, batch_size, shuffle),
         num_workers=num_workers,
         # Workers are restarted every epoch and seeded from the main RNG, which checkpoints
         # restore: a resumed run sees the same augmentations even with --num_workers > 0.
@@ -222,13 +234,13 @@ def _cached_loaders(
     for kind, (_, _, batch_size, shuffle) in specs.items():
         split = "test" if kind == "test" else "train"
         transform = tensor_tf(kind == "train")
+        dataset = SplitDataset(files[kind], stores[split], None if settings.transform_on else transform)
         loaders[kind] = CachedLoader(
-            SplitDataset(files[kind], stores[split], None if settings.transform_on else transform),
+            dataset,
             functools.partial(settings.cache.prepare, task, split),
             settings.transform_on,
             transform,
-            batch_size=batch_size,
-            shuffle=shuffle,
+            **sampling(dataset, batch_size, shuffle),
             num_workers=settings.num_workers,
             persistent_workers=False,  # as _loader: workers seeded from the main RNG every epoch
         )

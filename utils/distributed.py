@@ -12,6 +12,7 @@ with the same one line.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -25,6 +26,9 @@ from torch.utils.data import RandomSampler, Sampler
 from utils import UserError
 
 T = TypeVar("T")
+# How long a rank waits for the others at a collective: rank 0 writing an AlexNet checkpoint takes seconds;
+# a rank that waits this long has lost the others.
+TIMEOUT = datetime.timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,16 @@ def start(world: World, use_gpu: bool) -> torch.device:
         torch.cuda.set_device(world.local_rank)
     device = torch.device("cuda", world.local_rank) if use_gpu else torch.device("cpu")
     if world.distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_gpu else "gloo", device_id=device if use_gpu else None)
+        _join(world, "nccl" if use_gpu else "gloo", device if use_gpu else None)
     return device
+
+
+def _join(world: World, backend: str, device: torch.device | None) -> None:
+    """init_process_group over torchrun's store (env://), with the keys of each torchrun attempt apart:
+    after a restart the store may still hold the addresses the dead workers published."""
+    store, rank, size = next(dist.rendezvous("env://", timeout=TIMEOUT))
+    store = dist.PrefixStore(f"mas/attempt_{world.restart}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=TIMEOUT, device_id=device)
 
 
 def lost_a_rank(err: BaseException) -> bool:
@@ -106,6 +118,10 @@ def active() -> bool:
 
 def rank() -> int:
     return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
 
 
 def is_writer() -> bool:
