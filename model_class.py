@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models import alexnet
 
 from utils import UserError
 from utils.model_utils import check_tensors, pretrained_alexnet_state
@@ -44,6 +43,8 @@ class AlexNetTrunk(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        from torchvision.models import alexnet  # torchvision costs two seconds of start-up: only for AlexNet
+
         full = alexnet(weights=None)
         self.features = full.features
         self.avgpool = full.avgpool

@@ -1,6 +1,6 @@
 """The task data written by ``data_prep.py``: layout, manifest, transforms and loaders.
 
-Layout (torchvision ImageFolder per split)::
+Layout (torchvision's ImageFolder per split)::
 
     Data/manifest.json
     Data/Task_1/{train,test}/<class>/<image>
@@ -25,19 +25,17 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from torchvision import datasets, transforms
 
 from utils import UserError, distributed
 from utils.data_cache import RunCache, SplitStore
-from utils.image_decode import read_image
+from utils.image_decode import IMAGE_EXTENSIONS, ImageFiles, as_tensor, pil_resize, read_image
 from utils.interrupt import InterruptibleLoader
 from utils.io_utils import load_json
 from utils.manifest import check_manifest
 from utils.tensor_data import CachedLoader, SplitDataset
-from utils.tensor_transforms import TensorTransform, tensor_transform, test_resize
+from utils.tensor_transforms import TensorTransform, normalise, tensor_transform, test_resize
 
 MANIFEST = "manifest.json"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _TASK_DIR = re.compile(r"^Task_(\d+)$")
 
 
@@ -132,19 +130,33 @@ def image_loader(mode: str) -> Callable[[str], Image.Image]:
     return functools.partial(read_image, mode=mode)
 
 
+class ResizeAndNormalise:
+    """torchvision's Compose([Resize((size, size)), ToTensor(), Normalize(mean, std)]) for data that is not
+    augmented, with the same arithmetic, and no torchvision import (it costs two seconds per process)."""
+
+    def __init__(self, image_size: int, mean: list[float], std: list[float]) -> None:
+        self.size = image_size
+        self.mean, self.std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return normalise(as_tensor(pil_resize(image, self.size)), self.mean, self.std)
+
+
 def build_transforms(image_size: int, mean: list[float], std: list[float], augment: bool, train: bool):
     """The seed's ImageNet-style transforms when ``augment`` (RandomResizedCrop + flip for
     training, resize + centre crop for testing); a plain resize otherwise (digits)."""
+    if not augment:
+        return ResizeAndNormalise(image_size, mean, std)
+    from torchvision import transforms  # only augmented data needs torchvision's transforms
+
     normalise = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    if augment and train:
+    if train:
         return transforms.Compose(
             [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), *normalise]
         )
-    if augment:
-        return transforms.Compose(
-            [transforms.Resize(test_resize(image_size)), transforms.CenterCrop(image_size), *normalise]
-        )
-    return transforms.Compose([transforms.Resize((image_size, image_size)), *normalise])
+    return transforms.Compose(
+        [transforms.Resize(test_resize(image_size)), transforms.CenterCrop(image_size), *normalise]
+    )
 
 
 def sampling(dataset, batch_size: int, shuffle: bool) -> dict[str, Any]:
@@ -161,7 +173,7 @@ def sampling(dataset, batch_size: int, shuffle: bool) -> dict[str, Any]:
 
 
 def _loader(folder: Path, transform, mode: str, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
-    dataset = datasets.ImageFolder(str(folder), transform=transform, loader=image_loader(mode))
+    dataset = ImageFiles(str(folder), mode, transform)
     return InterruptibleLoader(
         dataset,
         **sampling(dataset, batch_size, shuffle),
@@ -206,12 +218,12 @@ def make_task_data(
     else:
         # Data that is not augmented is resized deterministically: once, while decoding, by the file path's own
         # PIL resize, so that batches from memory are bit for bit those from the files.
-        pil_resize = None if augment else transforms.Resize((image_size, image_size))
+        resize = None if augment else functools.partial(pil_resize, size=image_size)
 
         def tensor_tf(train: bool) -> TensorTransform:
             return tensor_transform(image_size, mean, std, augment, train)
 
-        loaders = _cached_loaders(task_dir.name, specs, mode, pil_resize, tensor_tf, settings)
+        loaders = _cached_loaders(task_dir.name, specs, mode, resize, tensor_tf, settings)
     return TaskData(name=task_dir.name, classes=classes, **loaders)
 
 
@@ -225,9 +237,7 @@ def _cached_loaders(
 ) -> dict[str, CachedLoader]:
     """The loaders of ``specs`` over the run's cache: a train and a test split, the importance loader
     sharing the train split's images."""
-    files = {
-        k: datasets.ImageFolder(str(f), transform=tf, loader=image_loader(mode)) for k, (f, tf, *_) in specs.items()
-    }
+    files = {k: ImageFiles(str(f), mode, tf) for k, (f, tf, *_) in specs.items()}
     stores = {s: SplitStore(f"{task} {s}", files[s].samples, mode, pil_resize) for s in ("train", "test")}
     settings.cache.add(task, stores)
     loaders = {}

@@ -22,7 +22,6 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
-from torchvision.models import AlexNet_Weights
 
 from utils import UserError
 from utils.io_utils import load_torch, save_text, save_torch
@@ -32,8 +31,9 @@ REG_PARAMS = "reg_params.pickle"  # written by reg_params.py
 HEAD = "head.pth"
 PERFORMANCE = "performance.txt"
 CLASSES = "classes.txt"
-# Module-level so tests can point it at a server on 127.0.0.1.
-ALEXNET_WEIGHTS_URL = AlexNet_Weights.IMAGENET1K_V1.url
+# torchvision's AlexNet_Weights.IMAGENET1K_V1.url (a test checks it), written out: importing torchvision
+# costs two seconds of start-up. Module-level so tests can point it at a server on 127.0.0.1.
+ALEXNET_WEIGHTS_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
 
 
 def pretrained_alexnet_state() -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """A split served from memory once the data cache decoded it (``utils/data_cache.py``), else from its files.
 
 ``SplitDataset`` fetches whole batches (``__getitems__``): from memory, one index into the uint8 tensor
-and one transform of the batch; from the files, ImageFolder sample by sample, as the file path. The
+and one transform of the batch; from the files, sample by sample, as the file path. The
 DataLoader around it (``CachedLoader``) draws from the global RNG exactly as the file path's does (the
 shuffle, the workers' base seed), so a run with the cache sees the same sample order.
 
@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import Dataset, default_collate
-from torchvision.datasets import ImageFolder
 
 from utils.data_cache import SplitStore
+from utils.image_decode import ImageFiles
 from utils.interrupt import InterruptibleLoader
 from utils.tensor_transforms import TensorTransform
 
@@ -29,7 +29,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class SplitDataset(Dataset):
     """A split's (image, label) pairs, by batches: transformed from memory, or from ``files``."""
 
-    def __init__(self, files: ImageFolder, store: SplitStore, transform: TensorTransform | None) -> None:
+    def __init__(self, files: ImageFiles, store: SplitStore, transform: TensorTransform | None) -> None:
         self.files, self.store, self.transform = files, store, transform  # transform None: raw uint8
 
     def __len__(self) -> int:

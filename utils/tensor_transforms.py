@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torchvision.transforms import v2
 
 _TEST_RESIZE_RATIO = 256 / 224  # the seed resized to 256 and centre-cropped 224 at test time
 
@@ -36,11 +35,13 @@ def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 
 def geometric_transform(image_size: int, augment: bool, train: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """The uint8 -> uint8 part of build_transforms (antialiased, as PIL's resize)."""
-    if augment and train:
+    if not augment:
+        return ResizeTo(image_size)
+    from torchvision.transforms import v2  # only augmented data (and other sizes) need torchvision
+
+    if train:
         return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
-    if augment:
-        return v2.Compose([v2.Resize(test_resize(image_size), antialias=True), v2.CenterCrop(image_size)])
-    return ResizeTo(image_size)
+    return v2.Compose([v2.Resize(test_resize(image_size), antialias=True), v2.CenterCrop(image_size)])
 
 
 class ResizeTo:
@@ -50,10 +51,13 @@ class ResizeTo:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.resize = v2.Resize((size, size), antialias=True)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return images if images.shape[-2:] == (self.size, self.size) else self.resize(images)
+        if images.shape[-2:] == (self.size, self.size):
+            return images
+        from torchvision.transforms import v2
+
+        return v2.Resize((self.size, self.size), antialias=True)(images)
 
 
 @dataclass(frozen=True)
