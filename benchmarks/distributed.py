@@ -33,7 +33,7 @@ from utils import distributed
 from utils.cli import at_least
 
 MODELS = {"alexnet": (3, 64, 2), "mlp": (1, 8, 0)}  # channels, image size, frozen layers
-BATCH, STEPS, SCORED = 64, 6, 512
+BATCH, STEPS, SCORED = 64, 6, 512  # defaults of --batch, --steps, --scored
 
 
 def _model(arch: str) -> tuple[TaskModel, tuple[int, int]]:
@@ -52,11 +52,11 @@ def _optimizer(model: TaskModel) -> LocalSgd:
     return optimizer
 
 
-def _train_rate(arch: str, ranks: int) -> float:
-    """Images/s of the training step at a global batch of BATCH (each rank takes BATCH / ranks)."""
+def _train_rate(arch: str, ranks: int, batch: int = BATCH) -> float:
+    """Images/s of the training step at a global batch of ``batch`` (each rank takes batch / ranks)."""
     model, (channels, size) = _model(arch)
     optimizer, trained = _optimizer(model), distributed.wrap(model, torch.device("cpu"))
-    x, y = torch.randn(BATCH // ranks, channels, size, size), torch.randint(0, 10, (BATCH // ranks,))
+    x, y = torch.randn(batch // ranks, channels, size, size), torch.randint(0, 10, (batch // ranks,))
     for step in range(STEPS + 1):
         if step == 1:  # the first step compiles LocalSgd's fused penalty: not timed
             distributed.barrier()
@@ -65,7 +65,7 @@ def _train_rate(arch: str, ranks: int) -> float:
         nn.functional.cross_entropy(trained(x), y).backward()
         optimizer.step()
     distributed.barrier()
-    return STEPS * BATCH / (time.perf_counter() - tic)
+    return STEPS * batch / (time.perf_counter() - tic)
 
 
 def _importance_rate(arch: str, ranks: int) -> float:
@@ -81,26 +81,28 @@ def _importance_rate(arch: str, ranks: int) -> float:
     return SCORED / (time.perf_counter() - tic)
 
 
-def _measure(arch: str, ranks: int) -> dict[str, float]:
-    return {"train": _train_rate(arch, ranks), "importance": _importance_rate(arch, ranks)}
+def _measure(arch: str, ranks: int, batch: int) -> dict[str, float]:
+    return {"train": _train_rate(arch, ranks, batch), "importance": _importance_rate(arch, ranks)}
 
 
-def _worker(arch: str, out: Path) -> None:
+def _worker(arch: str, batch: int, out: Path) -> None:
     """One rank under torchrun, 1 thread; rank 0 writes the rates."""
     torch.set_num_threads(1)
     distributed.start(distributed.from_environment(), use_gpu=False)
-    rates = _measure(arch, ranks=2)
+    rates = _measure(arch, 2, batch)
     if distributed.is_writer():
         out.write_text(json.dumps(rates))
     distributed.stop()
 
 
-def _two_ranks(arch: str) -> dict[str, float]:
+def _two_ranks(arch: str, batch: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rates.json"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        subprocess.run([*command, __file__, "--worker", arch, "--out", str(out)], check=True, env=env)
+        subprocess.run(
+            [*command, __file__, "--worker", arch, "--batch", str(batch), "--out", str(out)], check=True, env=env
+        )
         return json.loads(out.read_text())
 
 
@@ -110,18 +112,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--models", nargs="+", choices=tuple(MODELS), default=list(MODELS), help="(default: %(default)s)"
     )
+    parser.add_argument(
+        "--batch", type=at_least(2, int), default=BATCH, help="global batch of the training step (default: %(default)s)"
+    )
     parser.add_argument("--worker", choices=tuple(MODELS), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return _worker(args.worker, Path(args.out))
+        return _worker(args.worker, args.batch, Path(args.out))
     torch.set_num_threads(2)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; 1 process x 2 threads vs 2 ranks x 1 thread (gloo)")
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs; 1 process x 2 threads vs 2 ranks x 1 thread (gloo); "
+        f"global batch {args.batch}"
+    )
     for arch in args.models:
         single, dual = [], []
         for _ in range(args.rounds):
-            single.append(_measure(arch, ranks=1))
-            dual.append(_two_ranks(arch))
+            single.append(_measure(arch, 1, args.batch))
+            dual.append(_two_ranks(arch, args.batch))
         for kind in ("train", "importance"):
             one, two = (statistics.median(r[kind] for r in runs) for runs in (single, dual))
             rates = f"1 process {one:9.1f} images/s, 2 ranks {two:9.1f} images/s"
