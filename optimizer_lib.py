@@ -31,23 +31,24 @@ PENALTY_STEPS = ("explicit", "proximal")
 COMPILE_MIN_NUMEL = 1_000_000
 
 
-def _penalised_sgd(params, grads, bufs, omegas, theta_stars, lr, momentum, weight_decay, reg2, proximal):
+def _penalised_sgd(params, grads, bufs, weights, theta_stars, lr, momentum, weight_decay, reg2, proximal):
     """One step of LocalSgd on every penalised parameter, reg2 = 2 lambda (Eq. 3).
 
     explicit: SGD on  g + weight_decay * theta + reg2 * Omega * (theta - theta*).
     proximal: SGD on  g + weight_decay * theta, giving v, then the proximal map of the penalty
-    (see LocalSgd), theta <- (v + c theta*) / (1 + c) with c = lr * reg2 * Omega / (1 - momentum).
+    (see LocalSgd), theta <- (v + c theta*) / (1 + c) = theta* + (v - theta*) * keep with
+    c = lr * reg2 * Omega / (1 - momentum) and keep = 1 / (1 + c), computed once per learning rate.
+    ``weights`` are Omega (explicit) or keep (proximal): no division per step, the same reads.
     Written per element so that the compiler fuses it into one read of
     (theta, g, buf, Omega, theta*) and one write of (theta, buf) per parameter. ``proximal``
     is a Python bool: the compiler specialises on it (one graph per mode, compiled on first use).
     """
-    for p, g, buf, omega, theta_star in zip(params, grads, bufs, omegas, theta_stars):
+    for p, g, buf, weight, theta_star in zip(params, grads, bufs, weights, theta_stars):
         if proximal:
             buf.mul_(momentum).add_(g + weight_decay * p)
-            c = lr / (1 - momentum) * reg2 * omega
-            p.copy_((p - lr * buf + c * theta_star) / (1 + c))
+            p.copy_(theta_star + (p - lr * buf - theta_star) * weight)
         else:
-            d_p = g + weight_decay * p + reg2 * omega * (p - theta_star)
+            d_p = g + weight_decay * p + reg2 * weight * (p - theta_star)
             buf.mul_(momentum).add_(d_p)
             p.sub_(lr * buf)
 
@@ -137,6 +138,7 @@ class LocalSgd(Optimizer):
         super().__init__(params, defaults)
         self.fused = fused
         self._scratch: dict[torch.Tensor, torch.Tensor] = {}  # eager penalty step, not state: never saved
+        self._keep: dict[torch.Tensor, tuple] = {}  # the proximal step's factor per parameter, not state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -212,10 +214,10 @@ class LocalSgd(Optimizer):
 
     def _anchored_step(self, params: list, group: dict) -> None:
         grads = [p.grad for p in params]
-        omegas = [self.state[p]["omega"] for p in params]
+        proximal = _check_penalty_step(group["penalty_step"]) == "proximal"
+        omegas = [self._proximal_keep(p, group) if proximal else self.state[p]["omega"] for p in params]
         theta_stars = [self.state[p]["theta_star"] for p in params]
         reg2 = 2.0 * group["reg_lambda"]  # d/dtheta of lambda * Omega (theta - theta*)^2
-        proximal = _check_penalty_step(group["penalty_step"]) == "proximal"
         tensors = (params, grads, omegas, theta_stars)
         if self._use_compiled(params):
             try:
@@ -238,6 +240,18 @@ class LocalSgd(Optimizer):
             if scratch is None or scratch.shape != p.shape or scratch.device != p.device:
                 scratch = self._scratch[p] = torch.empty_like(p)
             step_one(p, g, omega, theta_star, buf, scratch, group, reg2)
+
+    def _proximal_keep(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """keep = 1 / (1 + c), c = 2 eta lambda Omega, eta = lr / (1 - m): the proximal map's factor,
+        recomputed only when lr, momentum or lambda change (a cache, like the scratch buffers: not state)."""
+        omega = self.state[p]["omega"]
+        key = (group["lr"], group["momentum"], group["reg_lambda"], id(omega), omega._version, p.device)
+        cached = self._keep.get(p)
+        if cached is None or cached[0] != key:
+            eta = group["lr"] / (1.0 - group["momentum"])  # the effective step of heavy-ball momentum
+            c = omega * (eta * 2.0 * group["reg_lambda"])
+            cached = self._keep[p] = (key, c.add_(1.0).reciprocal_())
+        return cached[1]
 
     def _use_compiled(self, params: list) -> bool:
         if self.fused == "auto":
@@ -267,18 +281,15 @@ def _eager_explicit_step(p, g, omega, theta_star, buf, d_p, group: dict, reg2: f
     p.add_(d_p, alpha=-group["lr"])
 
 
-def _eager_proximal_step(p, g, omega, theta_star, buf, scratch, group: dict, reg2: float) -> None:
+def _eager_proximal_step(p, g, keep, theta_star, buf, scratch, group: dict, reg2: float) -> None:
     """SGD on g + wd theta, giving v, then the proximal map of lambda Omega (theta - theta*)^2 with step
-    eta = lr / (1 - m) (see LocalSgd): u = (v + c theta*) / (1 + c), c = 2 eta lambda Omega, elementwise.
-    ``scratch`` holds g + wd theta, then c."""
+    eta = lr / (1 - m) (see LocalSgd): u = (v + c theta*) / (1 + c) = theta* + (v - theta*) * keep,
+    keep = 1 / (1 + c), c = 2 eta lambda Omega, elementwise. ``scratch`` holds g + wd theta."""
     d_p = torch.add(g, p, alpha=group["weight_decay"], out=scratch) if group["weight_decay"] > 0 else g
     if buf is not None:
         d_p = buf.mul_(group["momentum"]).add_(d_p)
     p.add_(d_p, alpha=-group["lr"])  # v = theta - lr * buf
-    eta = group["lr"] / (1.0 - group["momentum"])  # the effective step of heavy-ball momentum
-    c = torch.mul(omega, eta * reg2, out=scratch)
-    p.addcmul_(c, theta_star)  # v + c theta*
-    p.div_(c.add_(1.0))
+    p.sub_(theta_star).mul_(keep).add_(theta_star)
 
 
 class OmegaUpdate(Optimizer):

@@ -328,3 +328,15 @@ def test_invalid_penalty_step_is_refused():
     theta.grad = torch.zeros_like(theta)
     with pytest.raises(ValueError, match="penalty_step"):
         opt.step()
+
+
+def test_proximal_factor_follows_a_new_omega():
+    theta = _one_param([1.0, -1.0])
+    opt = LocalSgd([theta], lr=0.5, reg_lambda=1.0, penalty_step="proximal", fused="eager")
+    for omega in (1.0, 3.0):  # keep = 1 / (1 + 2 * 0.5 * 1 * Omega): 1/2, then 1/4
+        with torch.no_grad():
+            theta.copy_(torch.tensor([1.0, -1.0], dtype=torch.float64))
+        opt.set_importance(theta, torch.full((2,), omega, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+        theta.grad = torch.zeros_like(theta)
+        opt.step()
+        torch.testing.assert_close(theta.detach(), torch.tensor([1.0, -1.0], dtype=torch.float64) / (1 + omega))
