@@ -513,3 +513,20 @@ def test_a_stiff_penalty_is_announced(tiny_data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "warning: init_lr * 2 * reg_lambda * max(Omega) = " in out
     assert "exceeds 3.8, the stability limit of SGD on the penalty" in out
+
+
+def test_a_run_of_an_earlier_version_resumes_with_the_flags_it_did_not_record(tiny_data, tmp_path, capsys):
+    """A results.json without --amp, --cache, --penalty_step and --importance_batch_size (written
+    before they existed) resumes when their values compute what that version computed."""
+    first = _tiny_run(tiny_data, tmp_path / "m")
+    path = tmp_path / "m" / "results.json"
+    results = json.loads(path.read_text())
+    for added_later in ("amp", "cache", "penalty_step", "importance_batch_size"):
+        del results["args"][added_later]
+    path.write_text(json.dumps(results))
+    err = _error(capsys, tiny_data, tmp_path / "m", "--resume")
+    assert err.endswith(": --cache 'off' -> 'auto'")  # the earlier version read the files every epoch
+    err = _error(capsys, tiny_data, tmp_path / "m", "--resume", "--cache", "off", "--importance_batch_size", "8")
+    assert err.endswith(": --importance_batch_size 4 -> 8")
+    again = _tiny_run(tiny_data, tmp_path / "m", "--resume", "--cache", "off")
+    assert again["forgetting"] == first["forgetting"]

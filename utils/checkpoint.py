@@ -31,8 +31,22 @@ _IMPORTANCE_KEYS = ("omega", "theta_star")  # re-attached from reg_params, no ne
 _STATE_KEYS = ("momentum_buffer", "path_integral")
 
 
+def _with_flags_added_later(stored: dict[str, Any]) -> dict[str, Any]:
+    """``stored`` with the flags that a run of an earlier version of this program did not record,
+    set to the value that computes what that version computed: such a run read its images from
+    the files every epoch, took the explicit penalty step in fp32, and its importance pass read
+    batches of ``--batch_size``. So a run begun before a flag existed can be resumed (with
+    ``--cache off`` where the new default differs), and is never silently continued otherwise."""
+    added_later = {"amp": "off", "cache": "off", "penalty_step": "explicit"}
+    if "batch_size" in stored:
+        added_later["importance_batch_size"] = stored["batch_size"]
+    return {**added_later, **stored}
+
+
 def argument_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``--flag old -> new`` for every argument that changes the result."""
+    """``--flag old -> new`` for every argument that changes the result (both may be recorded
+    arguments: a checkpoint's against its results.json)."""
+    stored, current = _with_flags_added_later(stored), _with_flags_added_later(current)
     keys = sorted((set(stored) | set(current)) - FREE_ON_RESUME)
     return [f"--{k} {stored.get(k)!r} -> {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
 
