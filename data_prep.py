@@ -384,24 +384,51 @@ def check_folders(args: argparse.Namespace) -> None:
 
 
 def existing_split(data_dir: Path, signature: dict, force: bool) -> bool:
-    """True when ``data_dir`` already holds this split; an error when it holds something else."""
-    if not data_dir.exists() or force:
+    """True when ``data_dir`` already holds this split; an error when it holds something else.
+
+    ``--force`` replaces a split of this program, nothing else: a folder with anything besides
+    ``manifest.json`` and ``Task_<n>`` folders is refused, with or without it (it may be the
+    user's own data, a models folder or their home)."""
+    if not data_dir.exists():
+        return False
+    check_only_a_split(data_dir)
+    if force:
         return False
     manifest_path = data_dir / MANIFEST
     if not manifest_path.is_file():
-        if any(data_dir.iterdir()):
-            raise UserError(f"{data_dir} exists and holds no {MANIFEST}; move it away or pass --force")
-        return False
-    manifest = load_json(manifest_path)
-    if not isinstance(manifest, dict):
-        raise UserError(f"{manifest_path} is not a manifest of data_prep.py; pass --force to replace {data_dir}")
-    prepared = manifest.get("prepared_with")
+        return False  # an empty folder
+    prepared = load_json(manifest_path)["prepared_with"]  # check_only_a_split checked its form
     if prepared != signature:
         raise UserError(
             f"{data_dir} already holds a split made with {prepared}, not {signature}; "
             "pass --force to replace it, or choose another --data_dir"
         )
     return True
+
+
+def check_only_a_split(data_dir: Path) -> None:
+    """An error unless ``data_dir`` is empty or holds only what data_prep.py writes there."""
+    entries = sorted(os.scandir(data_dir), key=lambda e: e.name)
+    if not entries:
+        return
+    if MANIFEST not in {e.name for e in entries}:
+        raise UserError(
+            f"{data_dir} exists and holds no {MANIFEST}: it is not a split of data_prep.py, "
+            "so it is not replaced; move it away or choose another --data_dir"
+        )
+    manifest = load_json(data_dir / MANIFEST)
+    if not isinstance(manifest, dict) or "prepared_with" not in manifest:
+        raise UserError(
+            f"{data_dir / MANIFEST} was not written by data_prep.py, so {data_dir} is not replaced; "
+            "move it away or choose another --data_dir"
+        )
+    for entry in entries:
+        is_task = entry.is_dir(follow_symlinks=False) and re.fullmatch(r"Task_\d+", entry.name)
+        if not (is_task or (entry.name == MANIFEST and entry.is_file(follow_symlinks=False))):
+            raise UserError(
+                f"{data_dir} holds {entry.name}, which data_prep.py does not write there, so it is not "
+                "replaced; move that away, or choose another --data_dir"
+            )
 
 
 # --- Retries -----------------------------------------------------------------------------------

@@ -284,8 +284,8 @@ def test_a_class_list_that_is_not_text_is_one_line(tmp_path, error_line):
 @pytest.mark.parametrize(
     ("content", "said"),
     [
-        ("[1, 2]", "is not a manifest of data_prep.py; pass --force to replace"),
-        ('"text"', "is not a manifest of data_prep.py; pass --force to replace"),
+        ("[1, 2]", "was not written by data_prep.py, so"),
+        ('"text"', "was not written by data_prep.py, so"),
         ("{not json", "could not read"),
     ],
 )

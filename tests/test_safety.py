@@ -73,6 +73,54 @@ def test_the_reported_data_loss_case_is_refused(tmp_path, capsys):
     assert _tree(tmp_path / "Data") == before
 
 
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda d: (d / "notes.txt").write_text("mine"), "holds no manifest.json: it is not a split"),
+        (lambda d: (d / "photos").mkdir(), "holds no manifest.json: it is not a split"),
+        (lambda d: write_dataset(d), "manifest.json was not written by data_prep.py, so"),  # a hand-made split
+        (lambda d: _split_with(d, "notes.txt"), "holds notes.txt, which data_prep.py does not write there"),
+        (lambda d: _split_with(d, "models/shared_model.pth"), "holds models, which data_prep.py does not write"),
+        (lambda d: _split_with(d, "downloads/tiny-imagenet-200.zip"), "holds downloads, which data_prep.py"),
+    ],
+)
+@pytest.mark.parametrize("force", [True, False])
+def test_data_prep_force_replaces_only_a_split_of_data_prep(tmp_path, capsys, make, message, force):
+    """The class of the --overwrite fault, in data_prep.py: --force removed any --data_dir."""
+    from data_prep import main as data_prep
+
+    data = tmp_path / "Data"
+    data.mkdir()
+    make(data)
+    before = _tree(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        data_prep(["--dataset", "digits", "--data_dir", str(data), *(["--force"] if force else [])])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert _tree(tmp_path) == before
+
+
+def _split_with(data: Path, extra: str) -> None:
+    """A split of data_prep.py (another seed) with a file of the user's added at ``extra``."""
+    from data_prep import main as data_prep
+
+    data.rmdir()
+    data_prep(["--dataset", "digits", "--data_dir", str(data), "--seed", "7"])
+    (data / extra).parent.mkdir(parents=True, exist_ok=True)
+    (data / extra).write_text("mine")
+
+
+def test_data_prep_force_replaces_a_split_and_an_empty_folder(tmp_path, capsys):
+    from data_prep import main as data_prep
+
+    (tmp_path / "empty").mkdir()
+    data_prep(["--dataset", "digits", "--data_dir", str(tmp_path / "empty"), "--force"])
+    data_prep(["--dataset", "digits", "--data_dir", str(tmp_path / "split"), "--seed", "7"])
+    data_prep(["--dataset", "digits", "--data_dir", str(tmp_path / "split"), "--force"])
+    assert _tree(tmp_path / "empty") == _tree(tmp_path / "split")
+
+
 def test_overwrite_refuses_task_folders_that_are_not_a_run(tmp_path, capsys):
     data = write_dataset(tmp_path / "Data")
     other = write_dataset(tmp_path / "other")  # task folders of images, no results.json, no checkpoint
