@@ -533,14 +533,17 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
         label = row["method"] if row["reg_lambda"] is None else f"{row['method']}, lambda={row['reg_lambda']:g}"
         xerr, yerr = row["average_forgetting_std"] or 0, row["average_accuracy_std"] or 0
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers[k % len(markers)], capsize=3, label=label)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize="small")
     ax.set_xlabel("average forgetting (pp)")
     ax.set_ylabel("average accuracy (%)")
     ax.set_title("mean ± std over seeds")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # the legend tells apart points that fall on each other
-        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.subplots_adjust(left=0.08, right=0.68, bottom=0.1, top=0.92)
+    # A legend under the axes, not labels beside the points: good methods crowd into one corner
+    # (low forgetting, high accuracy) where labels would cover each other, and long labels fit below.
+    handles = ax.get_legend_handles_labels()[0]
+    if handles:
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+    legend_rows = (len(handles) + 1) // 2
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.13 + 0.035 * legend_rows, top=0.93)
     return save_figure(fig, path)
 
 
