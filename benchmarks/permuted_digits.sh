@@ -15,3 +15,16 @@ for step in explicit proximal; do
         --select_seeds 100 --seeds 0 1 2 --jobs 2 \
         --out "sweeps/permuted-$step-ewc" -- --data_dir "$data" --penalty_step "$step"
 done
+# One plot per step with every method (EWC's lambda grid is its own sweep), for the README.
+mkdir -p docs
+for step in explicit proximal; do
+    python3 - "$step" <<'PY'
+import json, sys
+from pathlib import Path
+from sweep import write_plot
+step = sys.argv[1]
+rows = [row for name in (f"permuted-{step}", f"permuted-{step}-ewc")
+        for row in json.loads(Path(f"sweeps/{name}/sweep.json").read_text())["table"]]
+print("wrote", write_plot(rows, Path(f"docs/permuted-digits-{step}.png")))
+PY
+done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -233,3 +234,23 @@ def error_line(capsys):
         return lines[0]
 
     return run
+
+
+@contextlib.contextmanager
+def interrupted_after_checkpoint(monkeypatch, task_no: int | None = None, epoch: int = 0):
+    """Inside the block, main.py raises KeyboardInterrupt (Ctrl-C) right after writing the checkpoint of
+    ``epoch`` (0-based) of ``task_no`` (None: the first checkpoint); on leaving, checkpoints are normal."""
+    import utils.checkpoint as checkpoint_module
+
+    real_save = checkpoint_module.save_checkpoint
+
+    def save_then_stop(models_dir, saved_task, saved_epoch, *args):
+        real_save(models_dir, saved_task, saved_epoch, *args)
+        if task_no is None or (saved_task, saved_epoch) == (task_no, epoch):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("mas.save_checkpoint", save_then_stop)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr("mas.save_checkpoint", real_save)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, write_dataset
+from conftest import ROOT, interrupted_after_checkpoint, write_dataset
 from importance import mas_batch_importance, mas_per_sample_importance
 from main import main
 from model_class import TaskModel, build_head, build_shared_model
@@ -314,23 +314,12 @@ def test_images_of_different_sizes_are_read_from_their_files_by_auto_and_refused
 def test_resume_with_the_cache_and_workers_is_exact(tmp_path, capsys, monkeypatch, cache):
     """Interrupted after epoch 1 of task 2 and resumed, with augmentation drawn in 2 workers: identical
     to an uninterrupted run."""
-    import utils.checkpoint as checkpoint_module
-
     data = _augmented(write_dataset(tmp_path / "Data", n_train=10, size=12, defaults={"pretrained": False}))
     flags = ["--num_epochs", "2", "--num_workers", "2", "--image_size", "10", "--cache", cache, "--arch", "mlp"]
     flags += ["--num_freeze_layers", "0"]
     _run(data, tmp_path / "ref", *flags)
-    real_save = checkpoint_module.save_checkpoint
-
-    def save_then_stop(models_dir, task_no, epoch, *args):
-        real_save(models_dir, task_no, epoch, *args)
-        if (task_no, epoch) == (2, 0):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr("mas.save_checkpoint", save_then_stop)
-    with pytest.raises(SystemExit):
+    with interrupted_after_checkpoint(monkeypatch, task_no=2), pytest.raises(SystemExit):
         _run(data, tmp_path / "m", *flags)
-    monkeypatch.setattr("mas.save_checkpoint", real_save)
     _run(data, tmp_path / "m", *flags, "--resume")
     assert "resuming after epoch 1" in capsys.readouterr().out
     _runs_equal(tmp_path / "m", tmp_path / "ref")

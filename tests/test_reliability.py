@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import utils.io_utils as io_utils
-from conftest import ROOT, write_dataset
+from conftest import ROOT, interrupted_after_checkpoint, write_dataset
 from main import main
 from utils.checkpoint import load_checkpoint
 from utils.io_utils import load_tensor_pickle
@@ -342,25 +342,15 @@ def test_malicious_pth_is_refused(tmp_path):
 def test_resume_with_workers_and_augmentation_is_exact(tmp_path, capsys, monkeypatch):
     """Interrupted after an epoch of task 2, resumed: identical to an uninterrupted run, with
     random crops and flips drawn in two DataLoader worker processes."""
-    import utils.checkpoint as checkpoint_module
 
     data = write_dataset(tmp_path / "Data", n_train=10, size=12, defaults={"pretrained": False, "num_freeze_layers": 0})
     manifest = json.loads((data / "manifest.json").read_text())
     (data / "manifest.json").write_text(json.dumps({**manifest, "augment": True}))
     flags = ["--num_epochs", "3", "--num_workers", "2", "--image_size", "10"]
     reference = _tiny_run(data, tmp_path / "ref", *flags)
-    real_save = checkpoint_module.save_checkpoint
-
-    def save_then_stop(models_dir, task_no, epoch, *args):
-        real_save(models_dir, task_no, epoch, *args)
-        if (task_no, epoch) == (2, 0):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr("mas.save_checkpoint", save_then_stop)
-    with pytest.raises(SystemExit) as exc:
+    with interrupted_after_checkpoint(monkeypatch, task_no=2), pytest.raises(SystemExit) as exc:
         _tiny_run(data, tmp_path / "m", *flags)
     assert exc.value.code == 130
-    monkeypatch.setattr("mas.save_checkpoint", real_save)
     resumed = _tiny_run(data, tmp_path / "m", *flags, "--resume")
     assert "resuming after epoch 1" in capsys.readouterr().out
     assert resumed["forgetting"] == reference["forgetting"]
@@ -442,22 +432,12 @@ def test_loaded_tensors_are_checked_against_the_model(tiny_data, tmp_path, capsy
 
 
 def test_a_checkpoint_for_another_model_names_the_parameter(tiny_data, tmp_path, capsys, monkeypatch):
-    import utils.checkpoint as checkpoint_module
-
-    real_save = checkpoint_module.save_checkpoint
-
-    def save_then_stop(models_dir, task_no, epoch, *args):
-        real_save(models_dir, task_no, epoch, *args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr("mas.save_checkpoint", save_then_stop)
-    with pytest.raises(SystemExit):
+    with interrupted_after_checkpoint(monkeypatch), pytest.raises(SystemExit):
         _tiny_run(tiny_data, tmp_path / "m")
     capsys.readouterr()
     checkpoint = torch.load(tmp_path / "m" / "checkpoint.pth", weights_only=True)
     checkpoint["model"]["head.weight"] = torch.zeros(5, 256)
     torch.save(checkpoint, tmp_path / "m" / "checkpoint.pth")
-    monkeypatch.setattr("mas.save_checkpoint", real_save)
     err = _error(capsys, tiny_data, tmp_path / "m", "--resume")
     assert err == (
         f"error: {tmp_path / 'm' / 'checkpoint.pth'}: the model: parameter 'head.weight' has shape (5, 256), "

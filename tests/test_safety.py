@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_dataset
+from conftest import interrupted_after_checkpoint, write_dataset
 from main import main
 from utils.io_utils import load_tensor_pickle, save_pickle
 
@@ -202,19 +202,9 @@ def test_non_finite_reg_params_are_refused_at_load_naming_file_and_parameter(tmp
 
 def _checkpoint_run(tmp_path, monkeypatch, capsys) -> tuple[Path, Path]:
     """A run stopped after the first epoch of task 1: its data and models folder."""
-    import utils.checkpoint as checkpoint_module
-
     data = write_dataset(tmp_path / "Data")
-    real_save = checkpoint_module.save_checkpoint
-
-    def save_then_stop(*args):
-        real_save(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr("mas.save_checkpoint", save_then_stop)
-    with pytest.raises(SystemExit):
+    with interrupted_after_checkpoint(monkeypatch), pytest.raises(SystemExit):
         _run(data, tmp_path / "m")
-    monkeypatch.setattr("mas.save_checkpoint", real_save)
     capsys.readouterr()
     return data, tmp_path / "m"
 
