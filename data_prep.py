@@ -391,13 +391,10 @@ def existing_split(data_dir: Path, signature: dict, force: bool) -> bool:
     user's own data, a models folder or their home)."""
     if not data_dir.exists():
         return False
-    check_only_a_split(data_dir)
-    if force:
+    manifest = check_only_a_split(data_dir)
+    if force or manifest is None:  # None: an empty folder
         return False
-    manifest_path = data_dir / MANIFEST
-    if not manifest_path.is_file():
-        return False  # an empty folder
-    prepared = load_json(manifest_path)["prepared_with"]  # check_only_a_split checked its form
+    prepared = manifest["prepared_with"]
     if prepared != signature:
         raise UserError(
             f"{data_dir} already holds a split made with {prepared}, not {signature}; "
@@ -406,11 +403,12 @@ def existing_split(data_dir: Path, signature: dict, force: bool) -> bool:
     return True
 
 
-def check_only_a_split(data_dir: Path) -> None:
-    """An error unless ``data_dir`` is empty or holds only what data_prep.py writes there."""
+def check_only_a_split(data_dir: Path) -> dict | None:
+    """An error unless ``data_dir`` is empty or holds only what data_prep.py writes there; its
+    manifest (None when empty)."""
     entries = sorted(os.scandir(data_dir), key=lambda e: e.name)
     if not entries:
-        return
+        return None
     if MANIFEST not in {e.name for e in entries}:
         raise UserError(
             f"{data_dir} exists and holds no {MANIFEST}: it is not a split of data_prep.py, "
@@ -429,6 +427,7 @@ def check_only_a_split(data_dir: Path) -> None:
                 f"{data_dir} holds {entry.name}, which data_prep.py does not write there, so it is not "
                 "replaced; move that away, or choose another --data_dir"
             )
+    return manifest
 
 
 # --- Retries -----------------------------------------------------------------------------------
