@@ -7,8 +7,8 @@ The stand-in is ``benchmarks/loader.py``'s (64x64 RGB JPEGs, 2 tasks x 10 classe
 test images, augmentation on, upsampled to 224 by RandomResizedCrop). Each variant is one
 ``python3 main.py --no-pretrained --num_epochs 2 --num_workers 2 --batch_size 16 --reg_lambda 0.01``
 process, alternated in rounds (each round starts with the next variant); reported per variant (median
-over rounds): the training images per
-second of the epochs (from ``results.json``'s epoch times) and the wall time of the process.
+over rounds): the training images per second of the epochs (from ``results.json``'s epoch times) and
+the wall time of the process.
 ``--before DIR`` adds the ``main.py`` of another checkout (for instance the commit before the cache,
 whose ``main.py`` has no ``--cache`` flag) as a variant, so that the ratio says whether a change made a
 Tiny-ImageNet run slower.
@@ -27,8 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.loader import write_standin  # noqa: E402
+from utils.cli import at_least  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+TRAIN_PER_CLASS = 50
 FLAGS = ["--no-pretrained", "--num_epochs", "2", "--num_workers", "2", "--batch_size", "16", "--reg_lambda", "0.01"]
 
 
@@ -40,20 +42,22 @@ def run(program: Path, data: Path, models: Path, extra: list[str]) -> tuple[floa
     wall = time.perf_counter() - start
     results = json.loads((models / "results.json").read_text())
     epochs = [(len(t["classes"]), e["seconds"]) for t in results["tasks"] for e in t["history"]]
-    images = sum(classes * 50 for classes, _ in epochs)
+    images = sum(classes * TRAIN_PER_CLASS for classes, _ in epochs)
     return images / sum(seconds for _, seconds in epochs), wall
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=2, help="runs per variant, alternated (default: %(default)s)")
+    p.add_argument(
+        "--rounds", type=at_least(1, int), default=2, help="runs per variant, alternated (default: %(default)s)"
+    )
     p.add_argument("--before", type=Path, default=None, help="another checkout's main.py as a variant (default: none)")
     args = p.parse_args(argv)
     variants = {"--cache ram": (REPO, ["--cache", "ram"]), "--cache off": (REPO, ["--cache", "off"])}
     if args.before is not None:
         variants[f"{args.before.name} (before)"] = (args.before.resolve(), [])
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_standin(Path(tmp) / "Data", train=50, test=10)
+        data = write_standin(Path(tmp) / "Data", train=TRAIN_PER_CLASS, test=10)
         measured: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
         names = list(variants)
         for round_no in range(args.rounds):

@@ -342,7 +342,6 @@ def test_malicious_pth_is_refused(tmp_path):
 def test_resume_with_workers_and_augmentation_is_exact(tmp_path, capsys, monkeypatch):
     """Interrupted after an epoch of task 2, resumed: identical to an uninterrupted run, with
     random crops and flips drawn in two DataLoader worker processes."""
-
     data = write_dataset(tmp_path / "Data", n_train=10, size=12, defaults={"pretrained": False, "num_freeze_layers": 0})
     manifest = json.loads((data / "manifest.json").read_text())
     (data / "manifest.json").write_text(json.dumps({**manifest, "augment": True}))
