@@ -1,7 +1,8 @@
 """A whole ``main.py`` run of AlexNet on a Tiny-ImageNet-shaped stand-in, with and without the data cache.
 
-    python3 benchmarks/alexnet_run.py                               # about 15 minutes on 2 CPU cores
+    python3 benchmarks/alexnet_run.py                               # about 20 minutes on 2 CPU cores
     python3 benchmarks/alexnet_run.py --before /path/to/older/checkout
+    python3 benchmarks/alexnet_run.py --paired 10                    # about 8 minutes
 
 The stand-in is ``benchmarks/loader.py``'s (64x64 RGB JPEGs, 2 tasks x 10 classes x 50 training and 10
 test images, augmentation on, upsampled to 224 by RandomResizedCrop). Each variant is one
@@ -12,6 +13,11 @@ the wall time of the process.
 ``--before DIR`` adds the ``main.py`` of another checkout (for instance the commit before the cache,
 whose ``main.py`` has no ``--cache`` flag) as a variant, so that the ratio says whether a change made a
 Tiny-ImageNet run slower.
+
+``--paired N`` measures the same question with less noise (whole processes on a shared 2-core machine
+vary by 10 % from run to run): in this process, N pairs of training epochs of task 1 (``train_one_epoch``:
+the loader with 2 workers and AlexNet's step, batch 16), one epoch from memory and one from the files,
+alternated, the same model continuing; it prints each pair's ratio memory / files and their median.
 """
 
 from __future__ import annotations
@@ -25,9 +31,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.loader import write_standin  # noqa: E402
+from model_class import TaskModel, build_head, build_trunk, create_freeze_layers, trainable_parameters  # noqa: E402
+from model_train import train_one_epoch  # noqa: E402
+from optimizer_lib import LocalSgd  # noqa: E402
 from utils.cli import at_least  # noqa: E402
+from utils.data_cache import RunCache  # noqa: E402
+from utils.data_utils import make_task_data, read_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PER_CLASS = 50
@@ -46,13 +59,53 @@ def run(program: Path, data: Path, models: Path, extra: list[str]) -> tuple[floa
     return images / sum(seconds for _, seconds in epochs), wall
 
 
+def paired_epochs(data: Path, pairs: int) -> list[float]:
+    """Ratios (images/s from memory) / (images/s from the files) of alternated training epochs."""
+    manifest = read_manifest(data)
+    task_dir = data / manifest["tasks"][0]["name"]
+    tasks = {
+        mode: make_task_data(task_dir, manifest, 3, 224, 16, 2, cache=RunCache(mode, 2)) for mode in ("ram", "off")
+    }
+    torch.manual_seed(0)
+    trunk = build_trunk("alexnet", 3, 224)
+    create_freeze_layers(trunk, 2)  # main.py's default --num_freeze_layers
+    model = TaskModel(trunk, build_head(trunk, len(tasks["ram"].classes)))
+    optimizer = LocalSgd(list(trainable_parameters(model).values()), lr=0.001, reg_lambda=0.01, momentum=0.9)
+    train_one_epoch(model, optimizer, tasks["ram"], torch.device("cpu"), "warm-up (decodes the task)")
+    ratios = []
+    for pair in range(pairs):
+        rate = {}
+        for mode in ("ram", "off") if pair % 2 == 0 else ("off", "ram"):  # each first in turn
+            tic = time.perf_counter()
+            train_one_epoch(model, optimizer, tasks[mode], torch.device("cpu"), mode)
+            rate[mode] = len(tasks[mode].train.dataset) / (time.perf_counter() - tic)
+        ratios.append(rate["ram"] / rate["off"])
+        print(f"pair {pair + 1}: memory {rate['ram']:.1f}, files {rate['off']:.1f} images/s, ratio {ratios[-1]:.3f}")
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--rounds", type=at_least(1, int), default=2, help="runs per variant, alternated (default: %(default)s)"
     )
     p.add_argument("--before", type=Path, default=None, help="another checkout's main.py as a variant (default: none)")
+    p.add_argument(
+        "--paired",
+        type=at_least(0, int),
+        default=0,
+        help="pairs of epochs in one process instead (default: %(default)s)",
+    )
     args = p.parse_args(argv)
+    if args.paired:
+        with tempfile.TemporaryDirectory() as tmp:
+            ratios = paired_epochs(write_standin(Path(tmp) / "Data", train=TRAIN_PER_CLASS, test=10), args.paired)
+        above = sum(r >= 1 for r in ratios)
+        print(
+            f"memory / files: median {statistics.median(ratios):.3f}, {min(ratios):.3f}-{max(ratios):.3f}, "
+            f"{above} of {len(ratios)} pairs >= 1"
+        )
+        return
     variants = {"--cache ram": (REPO, ["--cache", "ram"]), "--cache off": (REPO, ["--cache", "off"])}
     if args.before is not None:
         variants[f"{args.before.name} (before)"] = (args.before.resolve(), [])
