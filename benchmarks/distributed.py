@@ -8,6 +8,10 @@ global batch of 64, and the importance pass (the per-sample MAS estimator over 5
 this process with 2 threads, once as 2 torchrun ranks with 1 thread each, each rank taking half of
 every batch and half of the images. Rounds alternate the two, and the median ratio 2 ranks / 1 process
 is printed (target on AlexNet: >= 0.85, i.e. less than 15 % lost to communication). Runs on the CPU.
+
+It also times, on the 2 ranks, the all-reduce of a gradient alone (one float32 tensor of the trainable
+parameters' size, what DDP sends per step), beside the single process's whole training step: the share
+of the step that communication alone costs before any compute competes with it.
 """
 
 from __future__ import annotations
@@ -81,8 +85,24 @@ def _importance_rate(arch: str, ranks: int) -> float:
     return SCORED / (time.perf_counter() - tic)
 
 
+def _allreduce_seconds(arch: str, repeats: int = 5) -> float:
+    """Median seconds of one all-reduce (SUM) of as many float32 values as the model trains."""
+    model, _ = _model(arch)
+    gradient = torch.ones(sum(p.numel() for p in trainable_parameters(model).values()))
+    seconds = []
+    for _ in range(repeats + 1):
+        distributed.barrier()
+        tic = time.perf_counter()
+        torch.distributed.all_reduce(gradient)
+        seconds.append(time.perf_counter() - tic)
+    return statistics.median(seconds[1:])  # the first one sets up the connections
+
+
 def _measure(arch: str, ranks: int, batch: int) -> dict[str, float]:
-    return {"train": _train_rate(arch, ranks, batch), "importance": _importance_rate(arch, ranks)}
+    rates = {"train": _train_rate(arch, ranks, batch), "importance": _importance_rate(arch, ranks)}
+    if ranks > 1:
+        rates["allreduce_seconds"] = _allreduce_seconds(arch)
+    return rates
 
 
 def _worker(arch: str, batch: int, out: Path) -> None:
@@ -134,6 +154,12 @@ def main(argv: list[str] | None = None) -> None:
             one, two = (statistics.median(r[kind] for r in runs) for runs in (single, dual))
             rates = f"1 process {one:9.1f} images/s, 2 ranks {two:9.1f} images/s"
             print(f"{arch:8s} {kind:10s}: {rates}, ratio {two / one:.2f}")
+        allreduce = statistics.median(r["allreduce_seconds"] for r in dual)
+        step = args.batch / statistics.median(r["train"] for r in single)
+        print(
+            f"{arch:8s} all-reduce of the gradient alone: {allreduce * 1e3:.0f} ms, "
+            f"{allreduce / step:.0%} of one process's training step ({step * 1e3:.0f} ms)"
+        )
 
 
 if __name__ == "__main__":
