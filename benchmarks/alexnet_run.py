@@ -34,13 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.loader import write_standin  # noqa: E402
-from model_class import TaskModel, build_head, build_trunk, create_freeze_layers, trainable_parameters  # noqa: E402
+from benchmarks.loader import alexnet_to_train, training_task, write_standin  # noqa: E402
 from model_train import train_one_epoch  # noqa: E402
-from optimizer_lib import LocalSgd  # noqa: E402
 from utils.cli import at_least  # noqa: E402
-from utils.data_cache import RunCache  # noqa: E402
-from utils.data_utils import make_task_data, read_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PER_CLASS = 50
@@ -61,27 +57,41 @@ def run(program: Path, data: Path, models: Path, extra: list[str]) -> tuple[floa
 
 def paired_epochs(data: Path, pairs: int) -> list[float]:
     """Ratios (images/s from memory) / (images/s from the files) of alternated training epochs."""
-    manifest = read_manifest(data)
-    task_dir = data / manifest["tasks"][0]["name"]
-    tasks = {
-        mode: make_task_data(task_dir, manifest, 3, 224, 16, 2, cache=RunCache(mode, 2)) for mode in ("ram", "off")
-    }
-    torch.manual_seed(0)
-    trunk = build_trunk("alexnet", 3, 224)
-    create_freeze_layers(trunk, 2)  # main.py's default --num_freeze_layers
-    model = TaskModel(trunk, build_head(trunk, len(tasks["ram"].classes)))
-    optimizer = LocalSgd(list(trainable_parameters(model).values()), lr=0.001, reg_lambda=0.01, momentum=0.9)
-    train_one_epoch(model, optimizer, tasks["ram"], torch.device("cpu"), "warm-up (decodes the task)")
+    tasks = {mode: training_task(data, mode, workers=2, batch_size=16) for mode in ("ram", "off")}
+    model, optimizer = alexnet_to_train(len(tasks["ram"].classes))
+    cpu = torch.device("cpu")
+    train_one_epoch(model, optimizer, tasks["ram"], cpu, "warm-up")
     ratios = []
     for pair in range(pairs):
         rate = {}
         for mode in ("ram", "off") if pair % 2 == 0 else ("off", "ram"):  # each first in turn
             tic = time.perf_counter()
-            train_one_epoch(model, optimizer, tasks[mode], torch.device("cpu"), mode)
+            train_one_epoch(model, optimizer, tasks[mode], cpu, mode)
             rate[mode] = len(tasks[mode].train.dataset) / (time.perf_counter() - tic)
         ratios.append(rate["ram"] / rate["off"])
         print(f"pair {pair + 1}: memory {rate['ram']:.1f}, files {rate['off']:.1f} images/s, ratio {ratios[-1]:.3f}")
     return ratios
+
+
+def print_paired(ratios: list[float]) -> None:
+    above = sum(r >= 1 for r in ratios)
+    median = statistics.median(ratios)
+    print(
+        f"memory / files: median {median:.3f}, {min(ratios):.3f}-{max(ratios):.3f}, {above} of {len(ratios)} pairs >= 1"
+    )
+
+
+def alternated_runs(data: Path, models: Path, variants: dict, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """(images/s, wall s) of each variant's runs, in rounds, each variant first in turn."""
+    measured: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    names = list(variants)
+    for round_no in range(rounds):
+        for name in names[round_no % len(names) :] + names[: round_no % len(names)]:
+            program, extra = variants[name]
+            rate, wall = run(program, data, models, extra)
+            measured[name].append((rate, wall))
+            print(f"round {round_no + 1}: {name}: {rate:.1f} images/s, {wall:.1f} s", flush=True)
+    return measured
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,28 +107,14 @@ def main(argv: list[str] | None = None) -> None:
         help="pairs of epochs in one process instead (default: %(default)s)",
     )
     args = p.parse_args(argv)
-    if args.paired:
-        with tempfile.TemporaryDirectory() as tmp:
-            ratios = paired_epochs(write_standin(Path(tmp) / "Data", train=TRAIN_PER_CLASS, test=10), args.paired)
-        above = sum(r >= 1 for r in ratios)
-        print(
-            f"memory / files: median {statistics.median(ratios):.3f}, {min(ratios):.3f}-{max(ratios):.3f}, "
-            f"{above} of {len(ratios)} pairs >= 1"
-        )
-        return
     variants = {"--cache ram": (REPO, ["--cache", "ram"]), "--cache off": (REPO, ["--cache", "off"])}
     if args.before is not None:
         variants[f"{args.before.name} (before)"] = (args.before.resolve(), [])
     with tempfile.TemporaryDirectory() as tmp:
         data = write_standin(Path(tmp) / "Data", train=TRAIN_PER_CLASS, test=10)
-        measured: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
-        names = list(variants)
-        for round_no in range(args.rounds):
-            for name in names[round_no % len(names) :] + names[: round_no % len(names)]:  # each first in turn
-                program, extra = variants[name]
-                rate, wall = run(program, data, Path(tmp) / "models", extra)
-                measured[name].append((rate, wall))
-                print(f"round {round_no + 1}: {name}: {rate:.1f} images/s, {wall:.1f} s", flush=True)
+        if args.paired:
+            return print_paired(paired_epochs(data, args.paired))
+        measured = alternated_runs(data, Path(tmp) / "models", variants, args.rounds)
     reference = statistics.median(r for r, _ in measured["--cache off"])
     print("| variant | training images/s | / --cache off | process wall time (s) |\n| --- | ---: | ---: | ---: |")
     for name, values in measured.items():

@@ -66,15 +66,20 @@ def write_standin(root: Path, tasks: int = 2, classes: int = 10, train: int = 10
     return root
 
 
-def training_loader(data: Path, cache: str, workers: int, batch_size: int):
-    """Task 1's training loader as main.py builds it, with its images decoded if the cache holds them."""
+def training_task(data: Path, cache: str, workers: int, batch_size: int):
+    """Task 1's loaders as main.py builds them, with its images decoded if the cache holds them."""
     manifest = read_manifest(data)
     task = make_task_data(
         task_dirs(data, manifest)[0], manifest, 3, SIZE, batch_size, workers, cache=RunCache(cache, workers)
     )
     if cache == "ram":
         task.train.prepare()  # decoded now, outside the timed epochs
-    return task.train
+    return task
+
+
+def training_loader(data: Path, cache: str, workers: int, batch_size: int):
+    """Task 1's training loader (see training_task)."""
+    return training_task(data, cache, workers, batch_size).train
 
 
 def epoch_rate(loader) -> float:
@@ -91,13 +96,19 @@ def decode_seconds(data: Path, workers: int) -> float:
     return time.perf_counter() - tic
 
 
-def step_rate(batch_size: int, steps: int) -> float:
-    """Images per second of AlexNet training steps at 224 (after one warm-up step)."""
+def alexnet_to_train(classes: int = 10) -> tuple[TaskModel, LocalSgd]:
+    """AlexNet at 224 as task 1 of main.py trains it: random weights, the first 2 convolutions frozen
+    (the default --num_freeze_layers), LocalSgd with momentum (no importance yet: plain SGD)."""
     torch.manual_seed(0)
     shared = build_shared_model("alexnet", 3, SIZE, pretrained=False)
     create_freeze_layers(shared, 2)
-    model = TaskModel(shared, build_head(shared, 10)).train()
-    optimizer = LocalSgd(trainable_parameters(model).values(), lr=0.001, reg_lambda=0.0, momentum=0.9)
+    model = TaskModel(shared, build_head(shared, classes)).train()
+    return model, LocalSgd(trainable_parameters(model).values(), lr=0.001, reg_lambda=0.0, momentum=0.9)
+
+
+def step_rate(batch_size: int, steps: int) -> float:
+    """Images per second of AlexNet training steps at 224 (after one warm-up step)."""
+    model, optimizer = alexnet_to_train()
     images, labels = torch.randn(batch_size, 3, SIZE, SIZE), torch.randint(0, 10, (batch_size,))
     criterion = nn.CrossEntropyLoss()
 
