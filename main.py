@@ -281,7 +281,12 @@ def main(argv: list[str] | None = None) -> dict:
         if debug:
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
+        distributed.linger_after_error()  # every rank's line is printed before torchrun stops the group
         raise SystemExit(1) from None
+    except SystemExit as stop:  # a flag refused by argparse (its one line is printed), or --help
+        if stop.code not in (0, None):
+            distributed.linger_after_error()
+        raise
     except Exception as err:
         if debug or not distributed.lost_a_rank(err):
             raise

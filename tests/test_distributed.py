@@ -167,12 +167,30 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_an_uninterru
     assert_same_run(models, reference)
 
 
-def test_a_batch_that_does_not_split_is_one_line_on_every_rank(data, tmp_path):
-    done = _run(_torchrun("main.py", *_argv(data, tmp_path / "m"), "--batch_size", "7"))
+def _with_a_late_rank_1(tmp_path: Path) -> str:
+    """main.py, with rank 1 starting 3 s after rank 0 (a slower import, a loaded machine): when rank 0
+    stops on an error, torchrun stops the group, and rank 1 must still have given its own line."""
+    script = tmp_path / "late_rank_1.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "if os.environ['LOCAL_RANK'] == '1':\n"
+        "    time.sleep(3)\n"
+        "import main\n"
+        "main.main()\n"
+    )
+    return str(script)
+
+
+def _error_lines(done: subprocess.CompletedProcess) -> list[str]:
     assert done.returncode != 0
-    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    return [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_a_batch_that_does_not_split_is_one_line_on_every_rank(data, tmp_path):
+    done = _run(_torchrun(_with_a_late_rank_1(tmp_path), *_argv(data, tmp_path / "m"), "--batch_size", "7"))
     assert (
-        lines
+        _error_lines(done)
         == [
             "error: --batch_size 7 does not split evenly among the 2 processes: give a multiple of 2 "
             "(it is the global batch)"
@@ -185,10 +203,16 @@ def test_a_batch_that_does_not_split_is_one_line_on_every_rank(data, tmp_path):
 def test_use_gpu_without_gpus_is_one_line_on_every_rank(data, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    done = _run(_torchrun("main.py", *_argv(data, tmp_path / "m"), "--use_gpu"))
-    assert done.returncode != 0
-    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    done = _run(_torchrun(_with_a_late_rank_1(tmp_path), *_argv(data, tmp_path / "m"), "--use_gpu"))
+    lines = _error_lines(done)
     assert len(lines) == 2 and all("CUDA is not available" in line for line in lines)
+
+
+def test_a_refused_flag_is_one_line_on_every_rank(data, tmp_path):
+    done = _run(_torchrun(_with_a_late_rank_1(tmp_path), *_argv(data, tmp_path / "m"), "--num_epochs", "0"))
+    lines = [line for line in done.stderr.splitlines() if "error: " in line]
+    assert done.returncode != 0 and len(lines) == 2
+    assert all(line.startswith("main.py: error: argument --num_epochs") for line in lines)
 
 
 def test_a_plain_process_is_rank_0_of_1():

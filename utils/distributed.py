@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,6 +30,9 @@ T = TypeVar("T")
 # How long a rank waits for the others at a collective: rank 0 writing an AlexNet checkpoint takes seconds;
 # a rank that waits this long has lost the others.
 TIMEOUT = datetime.timedelta(minutes=10)
+# How long a rank that stops on an error waits for the others to reach their own error line (see
+# linger_after_error): the spread of the ranks' start-up, with room for a loaded machine.
+ERROR_LINGER = datetime.timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,29 @@ def start(world: World, use_gpu: bool) -> torch.device:
     if world.distributed and not dist.is_initialized():
         _join(world, "nccl" if use_gpu else "gloo", device if use_gpu else None)
     return device
+
+
+def linger_after_error() -> None:
+    """Before a rank exits on an error, under torchrun: count itself on torchrun's store and wait until
+    every rank has (at most ERROR_LINGER), then return. torchrun stops the other ranks as soon as one
+    exits, which would cut off their own error line whenever they reached it a moment later (a slower
+    import, say). A rank that fails alone waits ERROR_LINGER; a no-op in one process."""
+    try:
+        world = from_environment()
+    except UserError:
+        return  # the environment itself is the error: there is no store to count on
+    if not world.distributed:
+        return
+    deadline = time.monotonic() + ERROR_LINGER.total_seconds()
+    try:
+        store, _, _ = next(dist.rendezvous("env://", timeout=ERROR_LINGER))
+        stopped = dist.PrefixStore(f"mas/attempt_{world.restart}/stopped_on_an_error", store)
+        arrived = stopped.add("ranks", 1)
+        while arrived < world.size and time.monotonic() < deadline:
+            time.sleep(0.05)
+            arrived = stopped.add("ranks", 0)
+    except (RuntimeError, ValueError, OSError):
+        pass  # no store to reach (torchrun is already stopping the group): exit at once
 
 
 def _join(world: World, backend: str, device: torch.device | None) -> None:
