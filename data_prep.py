@@ -467,6 +467,8 @@ def _errno_reason(text: str) -> str:
 
 
 def _request_reason(err: requests.RequestException) -> str:
+    if isinstance(err, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema)):
+        return "not a valid http:// or https:// address"  # our words: requests' own wording changes between releases
     if isinstance(err, requests.HTTPError) and err.response is not None:
         return f"HTTP {err.response.status_code} {err.response.reason}"
     if isinstance(err, requests.Timeout) or "Read timed out" in str(err):  # a stall mid-body: a ConnectionError

@@ -297,18 +297,12 @@ def test_a_malformed_manifest_in_the_way_is_one_line(tmp_path, error_line, conte
     assert (tmp_path / "Data" / "manifest.json").read_text() == content
 
 
-@pytest.mark.parametrize(
-    ("url", "said"),
-    [
-        ("ftp://127.0.0.1/tiny.zip", "No connection adapters were found"),
-        ("not a url", "No scheme supplied"),
-        ("http://[::1/tiny.zip", "Failed to parse"),
-    ],
-)
-def test_a_malformed_url_is_one_line_and_not_retried(tmp_path, error_line, monkeypatch, url, said):
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/tiny.zip", "not a url", "http://[::1/tiny.zip"])
+def test_a_malformed_url_is_one_line_and_not_retried(tmp_path, error_line, monkeypatch, url):
+    # Our own words only: the HTTP library's wording of these errors changes between its releases.
     monkeypatch.setattr(dp.time, "sleep", lambda _: pytest.fail("a malformed URL is not worth a retry"))
     line = error_line(lambda: run(tmp_path, "--url", url), alone=True)
-    assert line.startswith(f"error: could not download {url} (") and said in line
+    assert line.startswith(f"error: could not download {url} (not a valid http:// or https:// address); ")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
