@@ -467,7 +467,8 @@ def _errno_reason(text: str) -> str:
 
 
 def _request_reason(err: requests.RequestException) -> str:
-    if isinstance(err, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema)):
+    malformed = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema)
+    if isinstance(err, malformed):
         return "not a valid http:// or https:// address"  # our words: requests' own wording changes between releases
     if isinstance(err, requests.HTTPError) and err.response is not None:
         return f"HTTP {err.response.status_code} {err.response.reason}"

@@ -27,6 +27,7 @@ import contextlib
 import io
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,9 +37,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from importance import mas_batch_importance, mas_per_sample_importance
-from model_class import AlexNetTrunk, TaskModel, create_freeze_layers, trainable_parameters
-from optimizer_lib import LocalSgd
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository runs from its folder
+
+from importance import mas_batch_importance, mas_per_sample_importance  # noqa: E402
+from model_class import AlexNetTrunk, TaskModel, create_freeze_layers, trainable_parameters  # noqa: E402
+from optimizer_lib import LocalSgd  # noqa: E402
 
 LR, MOMENTUM, REG_LAMBDA = 0.001, 0.9, 0.01
 

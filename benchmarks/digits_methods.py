@@ -16,12 +16,15 @@ import argparse
 import contextlib
 import io
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from data_prep import main as data_prep
-from main import main as run_main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository runs from its folder
+
+from data_prep import main as data_prep  # noqa: E402
+from main import main as run_main  # noqa: E402
 
 METHODS = {
     "mas (batch)": ["--method", "mas"],

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -33,11 +34,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from model_class import TaskModel, build_head, build_shared_model, create_freeze_layers, trainable_parameters
-from optimizer_lib import LocalSgd
-from utils.cli import at_least
-from utils.data_cache import RunCache
-from utils.data_utils import make_task_data, read_manifest, task_dirs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository runs from its folder
+
+from model_class import TaskModel, build_head, build_shared_model, create_freeze_layers, trainable_parameters  # noqa: E402
+from optimizer_lib import LocalSgd  # noqa: E402
+from utils.cli import at_least  # noqa: E402
+from utils.data_cache import RunCache  # noqa: E402
+from utils.data_utils import make_task_data, read_manifest, task_dirs  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SIZE, STORED = 224, 64

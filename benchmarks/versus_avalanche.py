@@ -63,12 +63,14 @@ from pathlib import Path
 import torch
 from torchvision import datasets
 
-from data_prep import main as data_prep
-from main import main as run_main
-from model_class import MLP_HIDDEN, MlpTrunk
-from model_train import seed_everything
-from utils.cli import at_least
-from utils.data_utils import build_transforms, image_loader, read_manifest, task_dirs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository runs from its folder
+
+from data_prep import main as data_prep  # noqa: E402
+from main import main as run_main  # noqa: E402
+from model_class import MLP_HIDDEN, MlpTrunk  # noqa: E402
+from model_train import seed_everything  # noqa: E402
+from utils.cli import at_least  # noqa: E402
+from utils.data_utils import build_transforms, image_loader, read_manifest, task_dirs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
