@@ -528,11 +528,25 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(9.6, 6))
     markers = "osD^v<>ph*"
-    for k, row in enumerate(r for r in rows if r["average_accuracy_mean"] is not None):
+    shown = [r for r in rows if r["average_accuracy_mean"] is not None]
+    for k, row in enumerate(shown):
         x, y = row["average_forgetting_mean"], row["average_accuracy_mean"]
         label = row["method"] if row["reg_lambda"] is None else f"{row['method']}, lambda={row['reg_lambda']:g}"
         xerr, yerr = row["average_forgetting_std"] or 0, row["average_accuracy_std"] or 0
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers[k % len(markers)], capsize=3, label=label)
+        # Hollow markers, each later one smaller: runs that land on one point show as nested rings, none hidden.
+        size = 6 + 2.5 * (len(shown) - 1 - k)
+        ax.errorbar(
+            x,
+            y,
+            xerr=xerr,
+            yerr=yerr,
+            fmt=markers[k % len(markers)],
+            markersize=size,
+            mfc="none",
+            mew=1.5,
+            capsize=3,
+            label=label,
+        )
     ax.set_xlabel("average forgetting (pp)")
     ax.set_ylabel("average accuracy (%)")
     ax.set_title("mean ± std over seeds")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -81,20 +82,25 @@ def _png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def test_plot_flag_writes_the_heatmap_and_the_bar_chart(tiny_data, tmp_path, capsys):
+def test_plot_flag_writes_the_heatmap_and_the_forgetting_chart(tiny_data, tmp_path, capsys):
     models = tmp_path / "m"
     _run(tiny_data, models, "--plot")
     assert _png_size(models / "plots" / "accuracy_matrix.png") == (640, 560)
-    assert _png_size(models / "plots" / "before_after.png") == (960, 540)
-    assert f"wrote {models / 'plots' / 'before_after.png'}" in capsys.readouterr().out
+    assert _png_size(models / "plots" / "forgetting.png") == (960, 540)
+    assert f"wrote {models / 'plots' / 'forgetting.png'}" in capsys.readouterr().out
 
 
 def test_standalone_plot_compares_several_runs(tiny_data, tmp_path):
     _run(tiny_data, tmp_path / "mas")
     _run(tiny_data, tmp_path / "ft", "--method", "finetune")
     written = plot.main([str(tmp_path / "mas"), str(tmp_path / "ft" / "results.json"), "--out", str(tmp_path / "p")])
-    assert sorted(p.name for p in written) == ["accuracy_matrix_1.png", "accuracy_matrix_2.png", "before_after.png"]
-    assert all(_png_size(p) == ((960, 540) if p.name == "before_after.png" else (640, 560)) for p in written)
+    # Heatmaps are named after the runs' labels, not numbered.
+    assert sorted(p.name for p in written) == [
+        "accuracy_matrix_finetune.png",
+        "accuracy_matrix_mas_batch_lambda_0.5.png",
+        "forgetting.png",
+    ]
+    assert all(_png_size(p) == ((960, 540) if p.name == "forgetting.png" else (640, 560)) for p in written)
     labels = [plot.run_label(json.loads((tmp_path / r / "results.json").read_text())) for r in ("mas", "ft")]
     assert labels == ["mas batch, lambda=0.5", "finetune"]
 
@@ -104,3 +110,28 @@ def test_standalone_plot_of_a_folder_without_results(tmp_path, capsys):
         plot.main([str(tmp_path), "--out", str(tmp_path / "p")])
     assert exc.value.code == 1
     assert capsys.readouterr().err.strip() == f"error: {tmp_path} holds no results.json with a finished task"
+
+
+def test_colour_and_axis_ranges_are_fitted_to_the_values():
+    # 91-100 % must not share one colour of a fixed 0-100 scale.
+    assert plot.fitted_range(np.array([91.2, 99.7, np.nan]), min_span=2.0) == (91.0, 100.0)
+    assert plot.fitted_range(np.array([97.0, 97.0]), min_span=2.0) == (96.0, 98.0)
+    assert plot.fitted_range(np.array([np.nan]), min_span=1.0) == (0.0, 1.0)
+
+
+def test_file_names_come_from_labels_and_stay_unique():
+    labels = ["mas batch, lambda=0.5", "mas batch, lambda=0.5", "ewc, lambda=1e+06", "///"]
+    assert plot.file_stems(labels) == ["mas_batch_lambda_0.5", "mas_batch_lambda_0.5_2", "ewc_lambda_1e+06", "run"]
+
+
+def test_forgetting_per_task_is_the_diagonal_minus_the_last_row():
+    results = {"accuracy_matrix": [[90.0, None, None], [80.0, 95.0, None], [70.5, None, 99.0]]}
+    assert plot.forgetting_per_task(results) == [19.5, None]  # task 2 not scored at the end: no value
+
+
+def test_seven_runs_give_seven_heatmaps_and_one_forgetting_chart(tmp_path):
+    matrix = [[99.0, None, None], [97.0, 98.0, None], [96.0, 97.5, 99.5]]
+    results = {"dataset": "digits", "task_names": ["T1", "T2", "T3"], "accuracy_matrix": matrix}
+    runs = [(f"m{k}, lambda={k}", results) for k in range(7)]
+    written = plot.write_plots(runs, tmp_path)
+    assert len({p.name for p in written}) == 8 and (tmp_path / "forgetting.png").is_file()

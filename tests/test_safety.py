@@ -157,7 +157,7 @@ def test_overwrite_of_a_run_removes_its_artefacts_and_keeps_other_files(tmp_path
     _run(data, models, "--overwrite", "--seed", "3")
     after = _tree(models)
     assert after["notes.txt"] == first["notes.txt"] and ".gitkeep" in after
-    assert "plots/before_after.png" not in after  # the earlier run's plots went with it
+    assert "plots/forgetting.png" not in after  # the earlier run's plots went with it
     assert after["shared_model.pth"] != first["shared_model.pth"]
 
 

@@ -6,9 +6,12 @@
 From each run's ``results.json`` it writes
 
 - ``accuracy_matrix[_<label>].png``: acc[i][j], the accuracy on task j after training task i, as
-  a heatmap with the numbers in the cells (blank where a task was not evaluated);
-- ``before_after.png``: per task, the accuracy right after training it (light bar) and at the
-  end of the sequence (solid bar), one colour per run.
+  a heatmap with the numbers in the cells (blank where a task was not evaluated), its colour scale
+  fitted to the values (shown on the colour bar);
+- ``forgetting.png``: per earlier task, its forgetting in percentage points (accuracy right after
+  training it minus at the end), one marker on a stem per run, the axis fitted to the values.
+
+Titles name the data set and the run's label (method and lambda).
 
 ``main.py --plot`` writes the same files under ``<models_dir>/plots/``.
 """
@@ -16,6 +19,7 @@ From each run's ``results.json`` it writes
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,61 +52,106 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def plot_accuracy_matrix(results: dict[str, Any], path: Path, title: str | None = None) -> Path:
+def fitted_range(values: np.ndarray, min_span: float) -> tuple[float, float]:
+    """A colour or axis range around the finite ``values``: whole units outward, at least ``min_span`` wide,
+    so that 91 % and 100 % get different colours instead of one end of a fixed 0-100 scale."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, min_span
+    lo, hi = float(np.floor(finite.min())), float(np.ceil(finite.max()))
+    if hi - lo < min_span:
+        middle = (lo + hi) / 2
+        lo, hi = middle - min_span / 2, middle + min_span / 2
+    return lo, hi
+
+
+def run_title(results: dict[str, Any], label: str | None = None) -> str:
+    """ "<data set>: <method label>", for every figure of a run."""
+    return f"{results.get('dataset', 'data')}: {label or run_label(results)}"
+
+
+def plot_accuracy_matrix(results: dict[str, Any], path: Path, label: str | None = None) -> Path:
     names = results["task_names"]
     rows = results["accuracy_matrix"]
     values = np.full((len(rows), len(names)), np.nan)
     for i, row in enumerate(rows):
         values[i] = [np.nan if a is None else a for a in row]
+    vmin, vmax = fitted_range(values, min_span=2.0)
     fig, ax = plt.subplots(figsize=MATRIX_SIZE)
-    image = ax.imshow(values, vmin=0, vmax=100, cmap="viridis")
+    image = ax.imshow(values, vmin=vmin, vmax=vmax, cmap="viridis")
     for (i, j), value in np.ndenumerate(values):
         if not np.isnan(value):
-            ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="white" if value < 60 else "black")
+            dark = (value - vmin) / (vmax - vmin) < 0.6  # white text on viridis' dark half
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="white" if dark else "black")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), [f"after {n}" for n in names[: len(rows)]])
     ax.set_xlabel("evaluated on")
-    ax.set_title(title or f"test accuracy (%): {run_label(results)}")
-    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    ax.set_title(f"{run_title(results, label)}\ntest accuracy (%), colour scale fitted to the values")
+    fig.colorbar(image, ax=ax, label=f"accuracy (%), {vmin:g} to {vmax:g}")
     fig.tight_layout()
     return save_figure(fig, path)
 
 
-def before_after(results: dict[str, Any]) -> tuple[list[float], list[float | None]]:
-    """Accuracy right after training each task (the diagonal) and at the end (the last row)."""
+def forgetting_per_task(results: dict[str, Any]) -> list[float | None]:
+    """acc[j][j] - acc[T][j] for each task j before the last (pp, positive = forgotten; None: not scored)."""
     matrix = results["accuracy_matrix"]
-    return [matrix[j][j] for j in range(len(matrix))], list(matrix[-1][: len(matrix)])
+    last = matrix[-1]
+    return [None if last[j] is None else matrix[j][j] - last[j] for j in range(len(matrix) - 1)]
 
 
-def plot_before_after(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
+MARKERS = "osD^v<>ph*XP"
+
+
+def plot_forgetting(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
+    """Forgetting in pp per earlier task, one dodged marker on a stem per run: readable at many runs, with
+    an axis fitted to the values and no marker under another (each run has its own offset and marker)."""
     fig, ax = plt.subplots(figsize=BARS_SIZE)
-    n_tasks = max(len(r["accuracy_matrix"]) for _, r in runs)
-    width = 0.8 / (2 * len(runs))
+    n_tasks = max(len(r["accuracy_matrix"]) for _, r in runs) - 1
+    spread = 0.7 / max(len(runs), 1)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    every = []
     for k, (label, results) in enumerate(runs):
-        after, end = before_after(results)
-        x = np.arange(len(after)) + (2 * k - len(runs)) * width + width / 2
+        forgetting = [np.nan if f is None else f for f in forgetting_per_task(results)]
+        every += forgetting
+        x = np.arange(len(forgetting)) + (k - (len(runs) - 1) / 2) * spread
         colour = colours[k % len(colours)]
-        ax.bar(x, after, width, color=colour, alpha=0.35, label=f"{label} (after)")
-        ax.bar(x + width, [np.nan if e is None else e for e in end], width, color=colour, label=f"{label} (end)")
+        ax.vlines(x, 0, forgetting, color=colour, linewidth=1.5)
+        mean = np.nanmean(forgetting) if forgetting and not np.all(np.isnan(forgetting)) else float("nan")
+        ax.plot(x, forgetting, MARKERS[k % len(MARKERS)], color=colour, label=f"{label} (mean {mean:.2f} pp)")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    if n_tasks < 1:
+        ax.text(0.5, 0.5, "one task: nothing earlier to forget", ha="center", va="center", transform=ax.transAxes)
+    lo, hi = fitted_range(np.array([0.0, *every], dtype=float), min_span=1.0)
+    ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
     ax.set_xticks(range(n_tasks), runs[0][1]["task_names"][:n_tasks])
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title("right after training each task (light) vs at the end of the sequence (solid)")
-    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.subplots_adjust(left=0.07, right=0.68, bottom=0.1, top=0.92)  # room for the legend on the right
+    ax.set_ylabel("forgetting (pp): after training - at the end")
+    named = run_title(runs[0][1], runs[0][0]) if len(runs) == 1 else runs[0][1].get("dataset", "data")
+    ax.set_title(f"{named}: forgetting of each earlier task (positive = forgotten)")
+    ax.grid(axis="y", alpha=0.3)
+    columns = 1 if len(runs) <= 3 else 2
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=columns, frameon=False)
+    fig.subplots_adjust(left=0.08, right=0.97, top=0.92, bottom=0.12 + 0.035 * -(-len(runs) // columns))
     return save_figure(fig, path)
 
 
+def file_stems(labels: list[str]) -> list[str]:
+    """A file-name part per run from its label ("mas batch, lambda=0.5" -> "mas_batch_lambda_0.5"), unique."""
+    stems, seen = [], {}
+    for label in labels:
+        stem = re.sub(r"[^A-Za-z0-9.+-]+", "_", label).strip("_.") or "run"
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return stems
+
+
 def write_plots(runs: list[tuple[str, dict[str, Any]]], out: Path) -> list[Path]:
-    """The heatmap of every run and one bar chart comparing them all."""
+    """The heatmap of every run (named after its label when there are several) and one forgetting chart."""
     out.mkdir(parents=True, exist_ok=True)
-    suffixes = [""] if len(runs) == 1 else [f"_{i + 1}" for i in range(len(runs))]
-    written = [
-        plot_accuracy_matrix(r, out / f"accuracy_matrix{s}.png", f"test accuracy (%): {label}")
-        for s, (label, r) in zip(suffixes, runs)
-    ]
-    written.append(plot_before_after(runs, out / "before_after.png"))
+    names = (
+        ["accuracy_matrix"] if len(runs) == 1 else [f"accuracy_matrix_{s}" for s in file_stems([lb for lb, _ in runs])]
+    )
+    written = [plot_accuracy_matrix(r, out / f"{name}.png", label) for name, (label, r) in zip(names, runs)]
+    written.append(plot_forgetting(runs, out / "forgetting.png"))
     return written
 
 

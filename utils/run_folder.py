@@ -24,7 +24,7 @@ RUN_FILES = (RESULTS, MATRIX_CSV, CHECKPOINT, SHARED_MODEL, REG_PARAMS)
 TASK_FILES = (HEAD, PERFORMANCE, CLASSES)
 PLOTS = "plots"
 _TASK_DIR = re.compile(r"^Task_\d+$")
-_PLOT_FILE = re.compile(r"^(accuracy_matrix(_\d+)?|before_after)\.png$")
+_PLOT_FILE = re.compile(r"^(accuracy_matrix(_\d+)?|forgetting|before_after)\.png$")  # before_after: older runs
 _TEMPORARY = re.compile(r"^\..+\.tmp$")  # an atomic write that a crash interrupted
 
 
