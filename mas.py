@@ -188,11 +188,12 @@ def _checkpointer(state: RunState, task_no: int, model, optimizer, reg_params, p
     return on_epoch_end
 
 
-def _check_importance(omega: dict[str, torch.Tensor], task: TaskData) -> None:
+def _check_importance(omega: dict[str, torch.Tensor], task: TaskData, penalty_step: str) -> None:
     if not all(torch.isfinite(o).all() for o in omega.values()):
+        remedy = "--penalty_step proximal (stable at any lambda) or " if penalty_step == "explicit" else ""
         raise Diverged(
             f"{task.name}: the importance became NaN or infinite (the weights grew too large to score); "
-            "start again with a lower --init_lr (or --reg_lambda) and --overwrite"
+            f"start again with {remedy}a lower --init_lr (or --reg_lambda), and --overwrite"
         )
 
 
@@ -229,7 +230,7 @@ def mas_train(
     train_seconds, tic = time.perf_counter() - tic, time.perf_counter()
     omega = method.importance(model, task)  # the model itself, not its DDP wrapper: each rank scores its shard
     importance_seconds = time.perf_counter() - tic
-    _check_importance(omega, task)
+    _check_importance(omega, task, config.penalty_step)
     test_accuracy = evaluate(model, task.test, device, desc=f"{task.name} test")
     state.finish_task(task_no, task, model, consolidate_reg_params(reg_params, omega, model.shared), test_accuracy)
     return TaskResult(omega, test_accuracy, history, train_seconds, importance_seconds)
