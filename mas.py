@@ -174,10 +174,13 @@ def _restore(checkpoint: dict | None, precision: Precision) -> None:
 
 
 def _checkpointer(state: RunState, task_no: int, model, optimizer, reg_params, precision: Precision):
-    """After every epoch: every rank's RNG states go to rank 0, which writes the checkpoint."""
+    """After every --checkpoint_every-th epoch and the task's last: every rank's RNG states go to rank 0,
+    which writes the checkpoint (every rank decides alike, so they meet at the same collectives)."""
     config = state.config
 
     def on_epoch_end(epoch: int, history: list[dict]) -> None:
+        if (epoch + 1) % config.checkpoint_every and epoch + 1 != config.num_epochs:
+            return
         rng_states = distributed.gather(rng_state())
         if distributed.is_writer():
             scaler = precision.scaler.state_dict() if precision.scaler is not None else None
