@@ -29,7 +29,8 @@ from utils.data_cache import CACHE_MODES
 from utils.data_utils import data_fingerprint, read_manifest
 
 # Flags that are not part of what a run computes: never recorded, never compared on --resume.
-NOT_RECORDED = frozenset({"resume", "overwrite", "debug"})
+# --checkpoint_every only sets how often the exact resume point is written: a resume may change it.
+NOT_RECORDED = frozenset({"resume", "overwrite", "debug", "checkpoint_every"})
 # Flags a manifest may not set: where the data and the artefacts are, and what this invocation does.
 NOT_FROM_MANIFEST = NOT_RECORDED | {"data_dir", "models_dir", "plot"}
 _NOT_GIVEN = object()
@@ -153,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace the artefacts of an earlier run in --models_dir (default: %(default)s)",
     )
+    p.add_argument(
+        "--checkpoint_every",
+        type=int_between(1, MAX_EPOCHS),
+        default=1,
+        help="write the resume checkpoint after every N-th epoch of a task and after its last one; an "
+        "interrupted run resumes, bit-identical, from the last one written (default: %(default)s)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors (default: %(default)s)")
     for name in names:
         methods.method_class(name).add_args(p.add_argument_group(f"--method {name}"))
@@ -188,6 +196,7 @@ class RunConfig:
     resume: bool
     overwrite: bool
     debug: bool
+    checkpoint_every: int  # epochs between resume checkpoints (not recorded: it changes no result)
     method_options: Mapping[str, Any]  # the chosen method's own flags
     channels: int  # what the model takes (AlexNet: 3, also for grey-scale data)
     data_fingerprint: str  # identifies the data whatever its path

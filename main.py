@@ -10,6 +10,7 @@ Omega (theta - theta*)^2  (Eq. 3), with Omega measured after every task (Eq. 2, 
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import sys
 import time
@@ -24,6 +25,7 @@ from utils import Diverged, UserError, distributed, interrupt
 from utils.checkpoint import CHECKPOINT, argument_differences, load_checkpoint, remove_checkpoint
 from utils.data_cache import RunCache
 from utils.data_utils import make_task_data, task_dirs
+from utils.folder_lock import FolderLock
 from utils.model_utils import pretrained_alexnet_state
 from utils.results import RESULTS, format_pp, load_results, new_results, record_task, save_results
 from utils.run_folder import (
@@ -84,12 +86,14 @@ def _new_results(config: RunConfig) -> dict:
     return new_results(config.recorded(), config.manifest, method_class(config.method)(config, None).label())
 
 
-def _prepare_models_dir(config: RunConfig) -> None:
-    """Checks of the models folder, and --overwrite's removal of the earlier run (rank 0 only)."""
+def _prepare_models_dir(config: RunConfig, lock: FolderLock) -> None:
+    """Checks of the models folder, its lock (one writer: refused before anything is read or removed),
+    and --overwrite's removal of the earlier run (rank 0 only)."""
     models_dir = Path(config.models_dir)
     if config.resume and config.overwrite:
         raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
     check_models_dir(models_dir, Path(config.data_dir))
+    lock.acquire()
     if config.resume:
         return
     previous = run_artefacts(models_dir)
@@ -102,9 +106,10 @@ def _prepare_models_dir(config: RunConfig) -> None:
         remove_previous_run(models_dir)
 
 
-def open_run(config: RunConfig) -> tuple[RunState, dict | None]:
-    """The run so far and the checkpoint of an unfinished task (``--resume``), or a fresh run."""
-    distributed.on_writer(lambda: _prepare_models_dir(config))  # an error reaches every rank
+def open_run(config: RunConfig, lock: FolderLock) -> tuple[RunState, dict | None]:
+    """The run so far and the checkpoint of an unfinished task (``--resume``), or a fresh run; rank 0
+    holds ``lock`` on the models folder from here on."""
+    distributed.on_writer(lambda: _prepare_models_dir(config, lock))  # an error reaches every rank
     if config.resume:
         return _resume_run(config, Path(config.models_dir))
     return RunState(config, _new_results(config)), None
@@ -211,12 +216,13 @@ def run(config: RunConfig, device: torch.device) -> dict:
     tasks = _load_tasks(config, device)
     _fetch_pretrained_weights(config)
     interrupt.check_everywhere()
-    state, checkpoint = open_run(config)
-    rows = _train_tasks(state, tasks, device, checkpoint)
-    if rows is None:  # every task finished in an earlier run: only score them
-        rows = compute_forgetting(state, tasks, device)
-        _write(save_results, state.results, config.models_dir)  # mends a CSV that a crash left behind results.json
-    return _report(config, state.results, rows)
+    with FolderLock(Path(config.models_dir), "main.py") as lock:  # the kernel releases it if the process dies
+        state, checkpoint = open_run(config, lock)
+        rows = _train_tasks(state, tasks, device, checkpoint)
+        if rows is None:  # every task finished in an earlier run: only score them
+            rows = compute_forgetting(state, tasks, device)
+            _write(save_results, state.results, config.models_dir)  # mends a CSV a crash left behind results.json
+        return _report(config, state.results, rows)
 
 
 def for_world(config: RunConfig, world: distributed.World) -> RunConfig:
@@ -255,15 +261,30 @@ def _without_resume_flags(argv: list[str]) -> list[str]:
     return [a for a in argv if not (len(a) >= 5 and ("--resume".startswith(a) or "--overwrite".startswith(a)))]
 
 
+def _launcher(environ: dict[str, str]) -> tuple[str, str]:
+    """How this process was started: ``python3``, or the torchrun line that starts the same ranks again
+    (a resume must have the run's --world_size), rebuilt from what torchrun sets in the environment;
+    and a note for several nodes, whose rendezvous flags the environment does not tell."""
+    if "LOCAL_WORLD_SIZE" not in environ or "WORLD_SIZE" not in environ:
+        return "python3", ""
+    nproc, nodes = environ["LOCAL_WORLD_SIZE"], environ.get("GROUP_WORLD_SIZE", "1")
+    if nodes == "1":
+        return f"torchrun --standalone --nproc_per_node {nproc}", ""
+    note = f" (on each of the {nodes} nodes, with the rendezvous flags you gave torchrun there)"
+    return f"torchrun --nnodes {nodes} --nproc_per_node {nproc}", note
+
+
 def _interrupted_message(argv: list[str], config: RunConfig | None) -> str:
-    """What Ctrl-C (or SIGTERM) leaves, and the command that continues from it."""
+    """What Ctrl-C (or SIGTERM) leaves, and the command that continues from it (under torchrun, the
+    same torchrun line: a resume needs the run's number of ranks)."""
+    launcher, note = _launcher(dict(os.environ))
     models_dir = Path(config.models_dir) if config is not None else None
     if models_dir is None or not ((models_dir / RESULTS).exists() or (models_dir / CHECKPOINT).exists()):
-        return "interrupted before anything was saved; start again with\n  " + " ".join(
-            ["python3 main.py", *map(shlex.quote, argv)]
+        return f"interrupted before anything was saved; start again with{note}\n  " + " ".join(
+            [launcher, "main.py", *map(shlex.quote, argv)]
         )
-    command = " ".join(["python3 main.py", *map(shlex.quote, _without_resume_flags(argv)), "--resume"])
-    return f"interrupted: finished tasks and the last epoch's checkpoint are intact; continue with\n  {command}"
+    command = " ".join([launcher, "main.py", *map(shlex.quote, _without_resume_flags(argv)), "--resume"])
+    return f"interrupted: finished tasks and the last epoch's checkpoint are intact; continue with{note}\n  {command}"
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -174,10 +174,13 @@ def _restore(checkpoint: dict | None, precision: Precision) -> None:
 
 
 def _checkpointer(state: RunState, task_no: int, model, optimizer, reg_params, precision: Precision):
-    """After every epoch: every rank's RNG states go to rank 0, which writes the checkpoint."""
+    """After every --checkpoint_every-th epoch and the task's last: every rank's RNG states go to rank 0,
+    which writes the checkpoint (every rank decides alike, so they meet at the same collectives)."""
     config = state.config
 
     def on_epoch_end(epoch: int, history: list[dict]) -> None:
+        if (epoch + 1) % config.checkpoint_every and epoch + 1 != config.num_epochs:
+            return
         rng_states = distributed.gather(rng_state())
         if distributed.is_writer():
             scaler = precision.scaler.state_dict() if precision.scaler is not None else None
@@ -188,11 +191,12 @@ def _checkpointer(state: RunState, task_no: int, model, optimizer, reg_params, p
     return on_epoch_end
 
 
-def _check_importance(omega: dict[str, torch.Tensor], task: TaskData) -> None:
+def _check_importance(omega: dict[str, torch.Tensor], task: TaskData, penalty_step: str) -> None:
     if not all(torch.isfinite(o).all() for o in omega.values()):
+        remedy = "--penalty_step proximal (stable at any lambda) or " if penalty_step == "explicit" else ""
         raise Diverged(
             f"{task.name}: the importance became NaN or infinite (the weights grew too large to score); "
-            "start again with a lower --init_lr (or --reg_lambda) and --overwrite"
+            f"start again with {remedy}a lower --init_lr (or --reg_lambda), and --overwrite"
         )
 
 
@@ -229,7 +233,7 @@ def mas_train(
     train_seconds, tic = time.perf_counter() - tic, time.perf_counter()
     omega = method.importance(model, task)  # the model itself, not its DDP wrapper: each rank scores its shard
     importance_seconds = time.perf_counter() - tic
-    _check_importance(omega, task)
+    _check_importance(omega, task, config.penalty_step)
     test_accuracy = evaluate(model, task.test, device, desc=f"{task.name} test")
     state.finish_task(task_no, task, model, consolidate_reg_params(reg_params, omega, model.shared), test_accuracy)
     return TaskResult(omega, test_accuracy, history, train_seconds, importance_seconds)

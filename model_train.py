@@ -138,7 +138,7 @@ def train_model(
             loss, accuracy = train_one_epoch(model, optimizer, task, device, desc, precision)
             _check_finite_weights(model, f"{task.name}: the weights became NaN or infinite in {desc}")
         except Diverged as err:
-            raise Diverged(f"{err}; {_what_is_kept(epoch)}") from None
+            raise Diverged(f"{err}; {_what_is_kept(epoch, optimizer)}") from None
         seconds = time.perf_counter() - tic
         history.append({"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "lr": lr, "seconds": seconds})
         if distributed.is_writer():
@@ -157,13 +157,17 @@ def _check_finite_weights(model: nn.Module, message: str) -> None:
         raise Diverged(message)
 
 
-def _what_is_kept(epoch: int) -> str:
+def _what_is_kept(epoch: int, optimizer: Optimizer | None = None) -> str:
+    """What a diverged task leaves, and the remedies: the proximal penalty step (stable at any lambda)
+    when the explicit one was taken, and a lower learning rate."""
     kept = (
         "the last epoch's checkpoint is kept"
         if epoch > 0
         else "no epoch of this task finished, so no checkpoint of it exists"
     )
-    return f"{kept}; start again with a lower --init_lr (or --reg_lambda) and --overwrite"
+    explicit = optimizer is None or any(g.get("penalty_step", "explicit") == "explicit" for g in optimizer.param_groups)
+    remedy = "--penalty_step proximal (stable at any lambda) or " if explicit else ""
+    return f"{kept}; start again with {remedy}a lower --init_lr (or --reg_lambda), and --overwrite"
 
 
 @torch.no_grad()

@@ -50,6 +50,7 @@ from config import build_parser, given_flags, parse_config
 from methods import method_class, method_names
 from utils import UserError
 from utils.checkpoint import CHECKPOINT, argument_differences
+from utils.folder_lock import LOCK_FILE, FolderLock, locked_by
 from utils.io_utils import load_json, save_json, save_text
 from utils.results import format_pp, load_results
 
@@ -67,6 +68,9 @@ SET_BY_THE_SWEEP = {
     "seed": "give seeds with --seeds (and --select_seeds)",
 }
 FINAL = ("complete", "diverged")
+# The sweep's own outputs: it overwrites one only while its content is what the sweep wrote there
+# (its sha256 is recorded in sweep.json, whose format tag is checked).
+OUTPUTS = ("table.csv", "table.md", "plot.png", "selection_table.csv", "selection_table.md")
 
 
 class FlagError(UserError):
@@ -260,7 +264,8 @@ def run_state(folder: Path, expected_args: dict[str, Any]) -> str:
         return "complete" if results.get("complete") else "resume"
     if (folder / CHECKPOINT).exists():
         return "resume"  # main.py --resume compares the checkpoint's arguments itself
-    return "overwrite" if folder.is_dir() and any(folder.iterdir()) else "fresh"
+    leftovers = folder.is_dir() and any(p.name != LOCK_FILE for p in folder.iterdir())
+    return "overwrite" if leftovers else "fresh"
 
 
 class Launcher:
@@ -561,11 +566,42 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def write_table(out: Path, name: str, rows: list[dict[str, Any]], notes: list[str]) -> list[Path]:
-    paths = [out / f"{name}.csv", out / f"{name}.md"]
-    save_text(table_csv(rows), paths[0])
-    save_text(table_md(rows, notes), paths[1])
+def write_table(sweep: Sweep, name: str, rows: list[dict[str, Any]], notes: list[str]) -> list[Path]:
+    paths = [sweep.out / f"{name}.csv", sweep.out / f"{name}.md"]
+    write_own(sweep, paths[0], lambda path: save_text(table_csv(rows), path))
+    write_own(sweep, paths[1], lambda path: save_text(table_md(rows, notes), path))
     return paths
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def foreign_output(out: Path, record: dict[str, Any]) -> Path | None:
+    """The first of the sweep's output files in ``out`` that the sweep did not write (or that was changed)."""
+    written = record.get("written", {})
+    for name in OUTPUTS:
+        path = out / name
+        if path.exists() and (not path.is_file() or written.get(name) != _sha256(path)):
+            return path
+    return None
+
+
+def write_own(sweep: Sweep, path: Path, write) -> None:
+    """``write(path)`` for one of the sweep's outputs, never over a file the sweep did not write; its
+    sha256 goes to sweep.json, which recognises it as the sweep's own next time."""
+    if path.exists() and (not path.is_file() or sweep.record.get("written", {}).get(path.name) != _sha256(path)):
+        raise UserError(_foreign_message(path))
+    write(path)
+    sweep.record.setdefault("written", {})[path.name] = _sha256(path)
+    sweep.save()
+
+
+def _foreign_message(path: Path) -> str:
+    return (
+        f"{path} was not written by sweep.py (or was changed since), and the sweep never overwrites such a file; "
+        "move it away or give another --out"
+    )
 
 
 # ---------------------------------------------------------------- the sweep
@@ -581,16 +617,46 @@ def load_record(out: Path) -> dict[str, Any]:
     return record
 
 
-def open_sweep(args: argparse.Namespace, methods: list[Method], tail: list[str], argv: list[str]) -> Sweep:
+def sweep_folder(args: argparse.Namespace) -> Path:
+    """The --out folder, created (nothing inside it yet: its lock comes first)."""
     out = Path(args.out).absolute()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot use --out {args.out}: {err.strerror or err}") from err
+    return out
+
+
+def check_no_live_runs(out: Path) -> None:
+    """A run folder whose lock is held (a main.py that a killed sweep left running) is refused: the
+    sweep would start a twin of it. The user waits for it or stops it, then reruns."""
+    runs = out / "runs"
+    for folder in sorted(runs.iterdir()) if runs.is_dir() else []:
+        pid = locked_by(folder) if folder.is_dir() else None
+        if pid is not None:
+            who = f"PID {pid}" if pid else "another process"
+            raise UserError(
+                f"{folder} is in use by {who} (a main.py still running, started by an earlier sweep?); "
+                "wait for it to end or stop it, then rerun the same command"
+            )
+
+
+def open_sweep(args: argparse.Namespace, methods: list[Method], tail: list[str], argv: list[str]) -> Sweep:
+    """The sweep in ``args.out``, whose lock the caller holds: refused before anything is written if a
+    run folder is still being written or an output file is not the sweep's own."""
+    out = Path(args.out).absolute()
+    record = load_record(out)
+    foreign = foreign_output(out, record)
+    if foreign is not None:
+        raise UserError(_foreign_message(foreign))
+    check_no_live_runs(out)
     try:
         for folder in (out / "runs", out / "logs"):
             folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot use --out {args.out}: {err.strerror or err}") from err
-    record = load_record(out)
     record["grid"] = {
         "methods": [m.label for m in methods],
         "reg_lambda": args.reg_lambda,
@@ -615,7 +681,7 @@ def select(sweep: Sweep, args: argparse.Namespace, methods: list[Method]) -> tup
         for label, reg_lambda in chosen.items()
         if reg_lambda is None
     ]
-    write_table(sweep.out, "selection_table", rows, notes)
+    write_table(sweep, "selection_table", rows, notes)
     runs = []
     for method in methods:
         if not method.uses_lambda or chosen[method.label] is not None:
@@ -643,6 +709,13 @@ def check_data(args: argparse.Namespace, methods: list[Method], tail: list[str])
 def sweep_main(argv: list[str]) -> list[dict[str, Any]]:
     args, methods, tail = parse_sweep_args(argv)
     check_data(args, methods, tail)
+    with FolderLock(sweep_folder(args), "sweep.py --out") as lock:  # one sweep per folder; gone if it dies
+        lock.acquire()
+        return run_sweep(args, methods, tail, argv)
+
+
+def run_sweep(args: argparse.Namespace, methods: list[Method], tail: list[str], argv: list[str]) -> list[dict]:
+    """The sweep of ``args``, whose --out folder's lock is held."""
     sweep = open_sweep(args, methods, tail, argv)
     print(f"sweep folder: {args.out}", flush=True)
     _thread_advice(args.jobs)
@@ -654,7 +727,8 @@ def sweep_main(argv: list[str]) -> list[dict[str, Any]]:
     rows = table_rows(run_phase(sweep, "report", runs))
     sweep.record["table"] = rows
     sweep.save()
-    written = write_table(sweep.out, "table", rows, notes) + [write_plot(rows, sweep.out / "plot.png")]
+    written = write_table(sweep, "table", rows, notes) + [sweep.out / "plot.png"]
+    write_own(sweep, written[-1], lambda path: write_plot(rows, path))
     print(table_md(rows, notes), end="")
     print(f"wrote {', '.join(p.name for p in written)}, {RECORD} in {args.out}")
     failed = [entry for entry in sweep.entries if entry["status"] not in FINAL]

@@ -101,7 +101,8 @@ class Method:
         if stiffness >= limit:
             tqdm.write(
                 f"warning: init_lr * 2 * reg_lambda * max(Omega) = {stiffness:.3g} exceeds {limit:.3g}, the "
-                "stability limit of SGD on the penalty; training will likely diverge: lower --init_lr or --reg_lambda"
+                "stability limit of SGD on the penalty; training will likely diverge: use --penalty_step proximal "
+                "(stable at any lambda) or lower --init_lr or --reg_lambda"
             )
 
 

@@ -230,7 +230,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
     err = _error(capsys, tiny_data, tmp_path / "m")
     assert err == (
         "error: Task_1: the training loss became nan at Task_1 epoch 2/2; the last epoch's checkpoint is kept; "
-        "start again with a lower --init_lr (or --reg_lambda) and --overwrite"
+        "start again with --penalty_step proximal (stable at any lambda) or a lower --init_lr (or --reg_lambda), "
+        "and --overwrite"
     )
     checkpoint = load_checkpoint(tmp_path / "m")
     assert (checkpoint["task"], checkpoint["epoch"]) == (1, 0)

@@ -111,23 +111,43 @@ def save_checkpoint(
         i: {k: v for k, v in s.items() if k not in _IMPORTANCE_KEYS} for i, s in optimizer_state["state"].items()
     }
     save_torch(
-        {
-            "format": 1,
-            "program": PROGRAM,
-            "task": task_no,
-            "epoch": epoch,
-            "args": args,
-            "model": model.state_dict(),
-            "optimizer": optimizer_state,
-            # At a task's start prev_omega == omega (see reg_params.py): store it once.
-            "reg_params": {n: {"omega": e["omega"], "init_val": e["init_val"]} for n, e in reg_params.items()},
-            "history": history,
-            "rng": rng_states[0],
-            **({"rng_per_rank": rng_states} if len(rng_states) > 1 else {}),
-            **({"scaler": scaler_state} if scaler_state is not None else {}),
-        },
+        _own_storages(
+            {
+                "format": 1,
+                "program": PROGRAM,
+                "task": task_no,
+                "epoch": epoch,
+                "args": args,
+                "model": model.state_dict(),
+                "optimizer": optimizer_state,
+                # At a task's start prev_omega == omega (see reg_params.py): store it once.
+                "reg_params": {n: {"omega": e["omega"], "init_val": e["init_val"]} for n, e in reg_params.items()},
+                "history": history,
+                "rng": rng_states[0],
+                **({"rng_per_rank": rng_states} if len(rng_states) > 1 else {}),
+                **({"scaler": scaler_state} if scaler_state is not None else {}),
+            }
+        ),
         Path(models_dir) / CHECKPOINT,
     )
+
+
+def _own_storages(payload: Any) -> Any:
+    """``payload`` with every tensor in a storage of exactly its own bytes: torch.save writes each
+    storage once, whole, so a view would drag its base's storage into the file. Tensors that share a
+    storage (the rank-0 RNG state in ``rng`` and ``rng_per_rank``) stay shared, hence stored once;
+    nothing in a checkpoint aliases another entry otherwise (theta* and Omega are copies taken at the
+    task's start, the optimizer's omega and theta_star are left out), so each tensor is stored once."""
+    if isinstance(payload, torch.Tensor):
+        whole = payload.untyped_storage().nbytes() == payload.numel() * payload.element_size()
+        return payload if whole else payload.clone(memory_format=torch.contiguous_format)
+    if isinstance(payload, dict):
+        return {k: _own_storages(v) for k, v in payload.items()}
+    if isinstance(payload, list):
+        return [_own_storages(v) for v in payload]
+    if isinstance(payload, tuple):
+        return tuple(_own_storages(v) for v in payload)
+    return payload
 
 
 def load_checkpoint(models_dir: str | Path, quick: bool = False) -> dict[str, Any] | None:

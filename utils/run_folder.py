@@ -6,6 +6,8 @@ program wrote (their format tags are checked); a run writes one of them after it
 ``--overwrite`` removes only such a folder's artefacts, file by file: the files listed here, the
 ``Task_N`` folders and ``plots/`` when they hold nothing else. Anything else stops it before it
 deletes anything. A models folder that is, contains or lies inside the data folder is refused.
+The folder's ``.lock`` (utils/folder_lock.py: one writer at a time) is no run artefact: it is not
+listed, not removed by ``--overwrite`` (the run holds it), and not a foreign file.
 """
 
 from __future__ import annotations
