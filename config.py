@@ -27,6 +27,7 @@ from utils import UserError
 from utils.cli import OneLineParser, at_least, int_between, positive_float, seed, unit_interval
 from utils.data_cache import CACHE_MODES
 from utils.data_utils import data_fingerprint, read_manifest
+from utils.manifest import MAX_IMAGE_SIZE  # the manifest's stored size is bounded as this flag is
 
 # Flags that are not part of what a run computes: never recorded, never compared on --resume.
 # --checkpoint_every only sets how often the exact resume point is written: a resume may change it.
@@ -39,7 +40,6 @@ MAX_BATCH = 2**31 - 1
 MAX_EPOCHS = 1_000_000
 MAX_LAYERS = 1_000
 MAX_WORKERS = 512
-MAX_IMAGE_SIZE = 4096
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -166,9 +166,9 @@ def assert_same_run(models: Path, reference: Path) -> None:
 @pytest.fixture
 def fast_retries(monkeypatch):
     """Download retries without the real pauses between attempts."""
-    import data_prep
+    from mas_data import download
 
-    monkeypatch.setattr(data_prep, "RETRY_DELAY", 0.001)
+    monkeypatch.setattr(download, "RETRY_DELAY", 0.001)
 
 
 class ScriptedHandler(RangeRequestHandler):

@@ -19,6 +19,8 @@ from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100
 
 import data_prep as dp
+from mas_data import download
+from mas_data import torchvision_fetch as tv_fetch
 
 CIFAR10_NAMES = [
     "airplane",
@@ -357,20 +359,20 @@ def test_class_names_that_are_no_folder_names_are_refused(cifar, tmp_path, error
 
 def test_transfers_cut_short_or_stalled_are_retried_under_a_timeout(cifar, tmp_path, capsys, monkeypatch):
     fake, server = cifar
-    monkeypatch.setattr(dp, "TIMEOUT", (0.5, 0.5))
+    monkeypatch.setattr(download, "TIMEOUT", (0.5, 0.5))
     server.plan = ["cut", "stall"]
     manifest = run(tmp_path, fake.dataset)
     assert manifest["num_tasks"] == (5 if fake.dataset == "cifar10" else 10)
     assert len(server.seen) == 3
     out = capsys.readouterr().out
-    assert f"download failed ({dp.MD5_NOTE}); attempt 2 of 3" in out
+    assert f"download failed ({tv_fetch.MD5_NOTE}); attempt 2 of 3" in out
     assert "download failed (the server did not answer in time); attempt 3 of 3" in out
     assert socket.getdefaulttimeout() is None
 
 
 def test_a_server_that_always_stalls_is_one_line(cifar, tmp_path, error_line, monkeypatch):
     fake, server = cifar
-    monkeypatch.setattr(dp, "TIMEOUT", (0.5, 0.5))
+    monkeypatch.setattr(download, "TIMEOUT", (0.5, 0.5))
     server.plan = ["stall"]
     line = error_line(lambda: run(tmp_path, fake.dataset, "--retries", "1"))
     assert line.startswith(f"error: could not download {fake.cls.url} (the server did not answer in time); ")

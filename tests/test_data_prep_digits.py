@@ -81,11 +81,12 @@ def test_a_write_error_is_one_line_and_leaves_no_data(tmp_path, capsys, monkeypa
     import os
 
     import data_prep
+    from mas_data import image_tasks
 
     def full_disk(pixels, path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(data_prep, "save_png", full_disk)
+    monkeypatch.setattr(image_tasks, "save_png", full_disk)
     out = tmp_path / "Data"
     with pytest.raises(SystemExit) as exc:
         data_prep.main(["--dataset", "digits", "--data_dir", str(out)])

@@ -15,6 +15,9 @@ from test_data_prep_tiny import SEED0_SPLIT, download_failed, expected_tree, lef
 from torchvision.datasets import MNIST
 
 import data_prep as dp
+from mas_data import download
+from mas_data import torchvision_fetch as tv_fetch
+from mas_data.tiny_imagenet import TINY_ZIP
 
 CUT = 16 * 1024
 
@@ -22,11 +25,11 @@ CUT = 16 * 1024
 @pytest.fixture
 def tiny(scripted_server, monkeypatch, fast_retries):
     """The Tiny-ImageNet stand-in on the scripted server; yields (server, url, archive bytes)."""
-    archive = write_tiny_zip(scripted_server.root / dp.TINY_ZIP)
+    archive = write_tiny_zip(scripted_server.root / TINY_ZIP)
     assert archive.stat().st_size > 4 * CUT  # room for several cuts before the end
-    monkeypatch.setattr(dp, "CHUNK", 1024)  # small reads, so the bytes before a cut reach the disk
+    monkeypatch.setattr(download, "CHUNK", 1024)  # small reads, so the bytes before a cut reach the disk
     scripted_server.cut = CUT
-    return scripted_server, f"{scripted_server.base_url}/{dp.TINY_ZIP}", archive.read_bytes()
+    return scripted_server, f"{scripted_server.base_url}/{TINY_ZIP}", archive.read_bytes()
 
 
 def run(tmp_path: Path, *flags: str) -> Path:
@@ -43,7 +46,7 @@ def test_two_transfers_cut_midway_are_resumed_within_one_run(tiny, tmp_path, cap
     server.plan = ["cut", "cut"]
     run(tmp_path, *tiny_flags(url, data))
     assert server.seen == [None, f"bytes={CUT}-", f"bytes={2 * CUT}-"]
-    assert (tmp_path / "dl" / dp.TINY_ZIP).read_bytes() == data
+    assert (tmp_path / "dl" / TINY_ZIP).read_bytes() == data
     assert tree(tmp_path / "Data") == expected_tree(SEED0_SPLIT)
     assert leftovers(tmp_path, tmp_path / "dl") == []
     out = capsys.readouterr().out
@@ -60,29 +63,29 @@ def test_when_every_attempt_breaks_off_the_run_stops_with_the_one_line(tiny, tmp
     line = error_line(lambda: run(tmp_path, *flags, "--retries", str(retries)))
     assert line == download_failed(url, "the connection broke off during the transfer")
     assert len(server.seen) == retries
-    assert (tmp_path / "dl" / f"{dp.TINY_ZIP}.part").read_bytes() == data[: retries * CUT]
+    assert (tmp_path / "dl" / f"{TINY_ZIP}.part").read_bytes() == data[: retries * CUT]
     assert not (tmp_path / "Data").exists()
     run(tmp_path, *flags)  # a rerun resumes from what the attempts left
     assert server.seen[retries:] == [f"bytes={retries * CUT}-"]
-    assert (tmp_path / "dl" / dp.TINY_ZIP).read_bytes() == data
+    assert (tmp_path / "dl" / TINY_ZIP).read_bytes() == data
 
 
 def test_a_transfer_that_stalls_times_out_and_is_resumed(tiny, tmp_path, monkeypatch):
     server, url, data = tiny
-    monkeypatch.setattr(dp, "TIMEOUT", (2, 0.3))
+    monkeypatch.setattr(download, "TIMEOUT", (2, 0.3))
     server.plan = ["stall"]
     run(tmp_path, *tiny_flags(url, data))
     assert server.seen == [None, f"bytes={CUT}-"]
-    assert (tmp_path / "dl" / dp.TINY_ZIP).read_bytes() == data
+    assert (tmp_path / "dl" / TINY_ZIP).read_bytes() == data
 
 
 def test_a_server_that_stalls_every_time_gives_the_one_line(tiny, tmp_path, error_line, monkeypatch):
     server, url, data = tiny
-    monkeypatch.setattr(dp, "TIMEOUT", (2, 0.3))
+    monkeypatch.setattr(download, "TIMEOUT", (2, 0.3))
     server.plan = ["stall", "stall"]
     line = error_line(lambda: run(tmp_path, *tiny_flags(url, data), "--retries", "2"))
     assert line == download_failed(url, "the server did not answer in time")
-    assert (tmp_path / "dl" / f"{dp.TINY_ZIP}.part").read_bytes() == data[: 2 * CUT]
+    assert (tmp_path / "dl" / f"{TINY_ZIP}.part").read_bytes() == data[: 2 * CUT]
 
 
 @pytest.mark.parametrize("status", [500, 503, 429])
@@ -91,7 +94,7 @@ def test_a_server_error_is_retried(tiny, tmp_path, status):
     server.plan = [f"status:{status}", "cut"]
     run(tmp_path, *tiny_flags(url, data))
     assert server.seen == [None, None, f"bytes={CUT}-"]
-    assert (tmp_path / "dl" / dp.TINY_ZIP).read_bytes() == data
+    assert (tmp_path / "dl" / TINY_ZIP).read_bytes() == data
 
 
 @pytest.mark.parametrize(("status", "reason"), [(404, "Not Found"), (403, "Forbidden"), (410, "Gone")])
@@ -115,7 +118,7 @@ def test_every_request_carries_the_connect_and_read_timeout(tiny, tmp_path, monk
     monkeypatch.setattr(requests.Session, "request", recorded)
     server.plan = ["cut", "status:503"]
     run(tmp_path, *tiny_flags(url, data))
-    assert timeouts == [dp.TIMEOUT] * 3
+    assert timeouts == [download.TIMEOUT] * 3
 
 
 class Flaky:
@@ -133,11 +136,11 @@ class Flaky:
 
 def test_the_pause_doubles_after_each_failure_up_to_its_cap(monkeypatch, capsys):
     pauses = []
-    monkeypatch.setattr(dp.time, "sleep", pauses.append)
-    monkeypatch.setattr(dp, "RETRY_DELAY", 1.5)
-    monkeypatch.setattr(dp, "MAX_RETRY_DELAY", 5.0)
+    monkeypatch.setattr(download.time, "sleep", pauses.append)
+    monkeypatch.setattr(download, "RETRY_DELAY", 1.5)
+    monkeypatch.setattr(download, "MAX_RETRY_DELAY", 5.0)
     attempt = Flaky(*[requests.ConnectionError("[Errno 104] Connection reset by peer")] * 4)
-    assert dp.with_retries(attempt, 5, dp._request_retry_reason) == "done"
+    assert download.with_retries(attempt, 5, download._request_retry_reason) == "done"
     assert pauses == [1.5, 3.0, 5.0, 5.0] and attempt.calls == 5
     assert capsys.readouterr().out.splitlines()[0] == (
         "download failed (Connection reset by peer); attempt 2 of 5 in 1.5 s"
@@ -149,10 +152,10 @@ def test_the_pause_doubles_after_each_failure_up_to_its_cap(monkeypatch, capsys)
     [requests.exceptions.InvalidURL("no host"), requests.exceptions.MissingSchema("no scheme"), ValueError("bug")],
 )
 def test_errors_that_would_come_again_are_raised_at_once(monkeypatch, error):
-    monkeypatch.setattr(dp.time, "sleep", lambda _: pytest.fail("no pause for an error that is not transient"))
+    monkeypatch.setattr(download.time, "sleep", lambda _: pytest.fail("no pause for an error that is not transient"))
     attempt = Flaky(error)
     with pytest.raises(type(error)):
-        dp.with_retries(attempt, 3, dp._request_retry_reason)
+        download.with_retries(attempt, 3, download._request_retry_reason)
     assert attempt.calls == 1
 
 
@@ -188,12 +191,12 @@ def test_mnist_transfers_cut_twice_are_retried_within_one_run(mnist_server, tmp_
     assert_mnist_written(data)
     assert len(mnist_server.seen) == 4 + 2  # each file once, the first one three times
     # urllib takes a body cut short for the whole file: torchvision's MD5 check finds it out.
-    assert capsys.readouterr().out.count(f"download failed ({dp.MD5_NOTE})") == 2
+    assert capsys.readouterr().out.count(f"download failed ({tv_fetch.MD5_NOTE})") == 2
     assert socket.getdefaulttimeout() is None
 
 
 def test_an_mnist_transfer_that_stalls_times_out_and_is_retried(mnist_server, tmp_path, monkeypatch):
-    monkeypatch.setattr(dp, "TIMEOUT", (0.5, 0.5))
+    monkeypatch.setattr(download, "TIMEOUT", (0.5, 0.5))
     mnist_server.plan = ["stall"]
     assert_mnist_written(run_mnist(tmp_path))
     assert len(mnist_server.seen) == 5
@@ -201,7 +204,7 @@ def test_an_mnist_transfer_that_stalls_times_out_and_is_retried(mnist_server, tm
 
 
 def test_an_mnist_server_that_always_stalls_gives_the_one_line(mnist_server, tmp_path, error_line, monkeypatch):
-    monkeypatch.setattr(dp, "TIMEOUT", (0.5, 0.5))
+    monkeypatch.setattr(download, "TIMEOUT", (0.5, 0.5))
     mnist_server.plan = ["stall", "stall"]
     line = error_line(lambda: run_mnist(tmp_path, "--retries", "2"))
     assert line == (
@@ -225,14 +228,14 @@ def test_an_mnist_file_missing_on_the_server_is_not_retried(mnist_server, tmp_pa
 
 @pytest.mark.parametrize("previous", [None, 7.0])
 def test_torchvision_calls_run_under_a_socket_timeout_that_is_restored(monkeypatch, previous):
-    monkeypatch.setattr(dp, "TIMEOUT", (3, 11))
+    monkeypatch.setattr(download, "TIMEOUT", (3, 11))
     seen = []
     socket.setdefaulttimeout(previous)
     try:
-        assert dp.fetch_torchvision(lambda: seen.append(socket.getdefaulttimeout()) or "ok", 1) == "ok"
+        assert tv_fetch.fetch_torchvision(lambda: seen.append(socket.getdefaulttimeout()) or "ok", 1) == "ok"
         assert seen == [11] and socket.getdefaulttimeout() == previous
         with pytest.raises(KeyError):
-            dp.fetch_torchvision(lambda: {}["missing"], 3)
+            tv_fetch.fetch_torchvision(lambda: {}["missing"], 3)
         assert socket.getdefaulttimeout() == previous
     finally:
         socket.setdefaulttimeout(None)

@@ -18,6 +18,7 @@ from test_data_prep_mnist import IDX, mnist_like, write_raw
 from torchvision.datasets import MNIST
 
 import data_prep as dp
+from mas_data import digits
 
 DIGITS = load_digits()
 SOURCE = np.round(DIGITS.images * (255.0 / 16.0)).astype(np.uint8)  # what data_prep.py reads
@@ -113,11 +114,11 @@ def test_the_same_seed_gives_the_same_files_and_another_seed_other_permutations(
 
 @pytest.mark.parametrize(("num_tasks", "num_pixels"), [(1, 4), (5, 64), (10, 784)])
 def test_permutations_are_permutations_and_task_one_is_the_identity(num_tasks, num_pixels):
-    orders = dp.permutations(num_tasks, num_pixels, seed=7)
+    orders = digits.permutations(num_tasks, num_pixels, seed=7)
     assert len(orders) == num_tasks and np.array_equal(orders[0], np.arange(num_pixels))
     for order in orders:
         assert np.array_equal(np.sort(order), np.arange(num_pixels))
-    assert all(np.array_equal(a, b) for a, b in zip(orders, dp.permutations(num_tasks, num_pixels, seed=7)))
+    assert all(np.array_equal(a, b) for a, b in zip(orders, digits.permutations(num_tasks, num_pixels, seed=7)))
 
 
 def test_rotated_images_match_pils_rotate_and_numpys_quarter_turn(tmp_path):

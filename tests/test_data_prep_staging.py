@@ -20,6 +20,7 @@ import pytest
 from test_data_prep_tiny import ROOT, write_tiny_zip
 
 import data_prep as dp
+from mas_data import staging
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_BUILD = ["--dataset", "digits", "--scenario", "permuted", "--num_tasks", "60"]  # 108000 PNG files
@@ -124,11 +125,11 @@ def test_the_staging_folder_of_a_live_run_is_left_alone(tmp_path):
     proc = start(tmp_path, *SLOW_BUILD, "--data_dir", "Data")
     try:
         staged = wait_for(filling(tmp_path, ".Data.building-"), proc)
-        dp.remove_stale_staging(tmp_path / "Data")
+        staging.remove_stale_staging(tmp_path / "Data")
         assert staged.is_dir() and proc.poll() is None  # alive, and its folder kept
     finally:
         kill(proc)
-    dp.remove_stale_staging(tmp_path / "Data")
+    staging.remove_stale_staging(tmp_path / "Data")
     assert names(tmp_path) == []
 
 
@@ -161,13 +162,13 @@ def test_a_folder_is_removed_only_once_its_lock_holder_is_gone(tmp_path, request
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
-        dp.remove_stale_staging(tmp_path / where / target)
+        staging.remove_stale_staging(tmp_path / where / target)
         assert (folder / "Task_1" / "image.png").is_file()
     finally:
         holder.kill()
         holder.wait()
         holder.stdout.close()
-    dp.remove_stale_staging(tmp_path / where / target)
+    staging.remove_stale_staging(tmp_path / where / target)
     assert not folder.exists()
 
 
@@ -179,7 +180,7 @@ def test_what_is_not_a_staging_folder_of_this_target_is_never_touched(tmp_path):
         (tmp_path / name).mkdir()
     (tmp_path / ".Data.building-file").write_text("a file, not a folder")
     (tmp_path / ".Data.building-link").symlink_to(elsewhere, target_is_directory=True)
-    dp.remove_stale_staging(tmp_path / "Data")
+    staging.remove_stale_staging(tmp_path / "Data")
     assert names(tmp_path) == sorted([*kept, ".Data.building-file", ".Data.building-link", "elsewhere"])
     assert (elsewhere / "keep").is_dir()
 
@@ -188,7 +189,7 @@ def test_without_file_locks_nothing_is_removed_and_the_build_still_works(tmp_pat
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(dp.fcntl, "flock", no_locks)
+    monkeypatch.setattr(staging.fcntl, "flock", no_locks)
     (tmp_path / ".Data.building-old").mkdir()
     dp.main(["--dataset", "digits", "--data_dir", str(tmp_path / "Data")])
     assert names(tmp_path) == [".Data.building-old", "Data"]  # nobody can tell whether its owner lives

@@ -21,6 +21,8 @@ from PIL import Image
 import data_prep as dp
 from conftest import RangeRequestHandler
 from main import main as train_main
+from mas_data import download
+from mas_data.tiny_imagenet import TINY_ROOT, TINY_ZIP, split_classes
 from utils.data_utils import check_task
 
 # Eight real Tiny-ImageNet classes, listed in wnids.txt out of order as in the real file.
@@ -41,7 +43,7 @@ SEED0_SPLIT = [
     ["n01629819", "n01641577", "n01698640", "n01742172"],
     ["n01443537", "n01644900", "n01768244", "n01770393"],
 ]
-ROOT = dp.TINY_ROOT
+ROOT = TINY_ROOT
 
 
 def _jpeg(seed: int, grey: bool = False) -> bytes:
@@ -91,14 +93,14 @@ def md5_of(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_zip(tmp_path_factory) -> Path:
-    return write_tiny_zip(tmp_path_factory.mktemp("zip") / dp.TINY_ZIP)
+    return write_tiny_zip(tmp_path_factory.mktemp("zip") / TINY_ZIP)
 
 
 @pytest.fixture
 def served(http_server, tiny_zip, monkeypatch):
     """The archive on 127.0.0.1; yields its URL and the list of Range headers of the requests."""
     root, base_url = http_server
-    (root / dp.TINY_ZIP).write_bytes(tiny_zip.read_bytes())
+    (root / TINY_ZIP).write_bytes(tiny_zip.read_bytes())
     seen: list[str | None] = []
     send_head = RangeRequestHandler.send_head
 
@@ -107,7 +109,7 @@ def served(http_server, tiny_zip, monkeypatch):
         return send_head(handler)
 
     monkeypatch.setattr(RangeRequestHandler, "send_head", logged)
-    return f"{base_url}/{dp.TINY_ZIP}", seen
+    return f"{base_url}/{TINY_ZIP}", seen
 
 
 def run(tmp_path: Path, *flags: str) -> Path:
@@ -137,7 +139,7 @@ def leftovers(*folders: Path) -> list[str]:
 def download_failed(url: str, reason: str) -> str:
     return (
         f"error: could not download {url} ({reason}); run again to retry (a partial download resumes where it "
-        f"stopped), pass --archive PATH to use a copy of {dp.TINY_ZIP} you already have, "
+        f"stopped), pass --archive PATH to use a copy of {TINY_ZIP} you already have, "
         "or use --dataset digits for the offline demo"
     )
 
@@ -175,7 +177,7 @@ def expected_manifest(split: list[list[str]], md5: str, signature: dict) -> dict
     ]
     return {
         "dataset": "tiny-imagenet",
-        "source": f"{dp.TINY_ZIP} (MD5 {md5}): train/<wnid>/images for training, the labelled val set for testing",
+        "source": f"{TINY_ZIP} (MD5 {md5}): train/<wnid>/images for training, the labelled val set for testing",
         "tasks": tasks,
         "image_size": 64,
         "channels": 3,
@@ -194,7 +196,7 @@ def test_download_and_split_give_the_exact_tree_and_manifest(served, tiny_zip, t
     md5 = md5_of(tiny_zip)
     data = run(tmp_path, "--url", url, "--md5", md5, "--num_tasks", "2")
     assert seen == [None]  # one plain request
-    assert (tmp_path / "dl" / dp.TINY_ZIP).read_bytes() == tiny_zip.read_bytes()
+    assert (tmp_path / "dl" / TINY_ZIP).read_bytes() == tiny_zip.read_bytes()
     assert tree(data) == expected_tree(SEED0_SPLIT)
     signature = {"dataset": "tiny-imagenet", "seed": 0, "num_tasks": 2, "classes_per_task": None}
     assert json.loads((data / "manifest.json").read_text()) == expected_manifest(SEED0_SPLIT, md5, signature)
@@ -212,7 +214,7 @@ def test_download_and_split_give_the_exact_tree_and_manifest(served, tiny_zip, t
 def test_a_download_cut_off_midway_resumes_to_a_byte_identical_archive(served, tiny_zip, tmp_path, capsys, monkeypatch):
     url, seen = served
     cut = 16 * 1024
-    monkeypatch.setattr(dp, "CHUNK", 1024)  # small reads, so the bytes before the cut reach the disk
+    monkeypatch.setattr(download, "CHUNK", 1024)  # small reads, so the bytes before the cut reach the disk
 
     def cut_off(handler, source, outputfile):
         outputfile.write(source.read(cut))  # then the server closes the connection
@@ -221,13 +223,13 @@ def test_a_download_cut_off_midway_resumes_to_a_byte_identical_archive(served, t
     monkeypatch.setattr(RangeRequestHandler, "copyfile", cut_off)
     line = fails(tmp_path, capsys, "--url", url, "--md5", md5_of(tiny_zip), "--retries", "1")
     assert line == download_failed(url, "the connection broke off during the transfer")
-    part = tmp_path / "dl" / f"{dp.TINY_ZIP}.part"
+    part = tmp_path / "dl" / f"{TINY_ZIP}.part"
     assert part.read_bytes() == tiny_zip.read_bytes()[:cut]
     assert not (tmp_path / "Data").exists()
     monkeypatch.setattr(RangeRequestHandler, "copyfile", whole)
     run(tmp_path, "--url", url, "--md5", md5_of(tiny_zip), "--num_tasks", "2")
     assert seen == [None, f"bytes={cut}-"]
-    assert (tmp_path / "dl" / dp.TINY_ZIP).read_bytes() == tiny_zip.read_bytes()
+    assert (tmp_path / "dl" / TINY_ZIP).read_bytes() == tiny_zip.read_bytes()
     assert tree(tmp_path / "Data") == expected_tree(SEED0_SPLIT)
     assert leftovers(tmp_path, tmp_path / "dl") == []
 
@@ -235,7 +237,7 @@ def test_a_download_cut_off_midway_resumes_to_a_byte_identical_archive(served, t
 def test_a_server_that_ignores_range_gives_the_whole_file_again(served, tiny_zip, tmp_path, monkeypatch):
     url, seen = served
     (tmp_path / "dl").mkdir()
-    (tmp_path / "dl" / f"{dp.TINY_ZIP}.part").write_bytes(b"stale bytes of another file")
+    (tmp_path / "dl" / f"{TINY_ZIP}.part").write_bytes(b"stale bytes of another file")
     plain = http.server.SimpleHTTPRequestHandler.send_head  # answers 200 with the whole file
 
     def no_range(handler):
@@ -245,21 +247,21 @@ def test_a_server_that_ignores_range_gives_the_whole_file_again(served, tiny_zip
     monkeypatch.setattr(RangeRequestHandler, "send_head", no_range)
     run(tmp_path, "--url", url, "--md5", md5_of(tiny_zip), "--num_tasks", "2")
     assert seen == ["bytes=27-"]
-    assert (tmp_path / "dl" / dp.TINY_ZIP).read_bytes() == tiny_zip.read_bytes()
+    assert (tmp_path / "dl" / TINY_ZIP).read_bytes() == tiny_zip.read_bytes()
     assert leftovers(tmp_path, tmp_path / "dl") == []
 
 
 def test_a_complete_partial_file_answered_416_is_verified_and_kept(served, tiny_zip, tmp_path, monkeypatch):
     url, _ = served
     (tmp_path / "dl").mkdir()
-    (tmp_path / "dl" / f"{dp.TINY_ZIP}.part").write_bytes(tiny_zip.read_bytes())
+    (tmp_path / "dl" / f"{TINY_ZIP}.part").write_bytes(tiny_zip.read_bytes())
 
     def range_not_satisfiable(handler):
         handler.send_error(416)
 
     monkeypatch.setattr(RangeRequestHandler, "send_head", range_not_satisfiable)
     run(tmp_path, "--url", url, "--md5", md5_of(tiny_zip), "--num_tasks", "2")
-    assert (tmp_path / "dl" / dp.TINY_ZIP).read_bytes() == tiny_zip.read_bytes()
+    assert (tmp_path / "dl" / TINY_ZIP).read_bytes() == tiny_zip.read_bytes()
     assert tree(tmp_path / "Data") == expected_tree(SEED0_SPLIT)
 
 
@@ -274,7 +276,7 @@ def test_a_wrong_md5_fails_clearly_and_leaves_nothing(served, tiny_zip, tmp_path
 
 
 def test_offline_is_one_line_that_names_the_way_out(closed_port_url, tmp_path, capsys):
-    url = f"{closed_port_url}/{dp.TINY_ZIP}"
+    url = f"{closed_port_url}/{TINY_ZIP}"
     line = fails(tmp_path, capsys, "--url", url)
     assert line == download_failed(url, "Connection refused")
     assert_nothing_left(tmp_path)
@@ -320,10 +322,10 @@ def test_archive_flag_needs_no_server_and_still_checks_the_md5(tiny_zip, closed_
     )
     assert tiny_zip.is_file()  # the user's file is never deleted
     assert not (tmp_path / "Data").exists()
-    url = f"{closed_port_url}/{dp.TINY_ZIP}"  # any attempt to download would fail
+    url = f"{closed_port_url}/{TINY_ZIP}"  # any attempt to download would fail
     data = run(tmp_path, "--archive", str(tiny_zip), "--md5", got, "--url", url, "--num_tasks", "2")
     assert tree(data) == expected_tree(SEED0_SPLIT)
-    assert not (tmp_path / "dl" / dp.TINY_ZIP).exists()  # the archive was not copied
+    assert not (tmp_path / "dl" / TINY_ZIP).exists()  # the archive was not copied
 
 
 def test_rerun_is_a_no_op_other_arguments_are_refused_force_rebuilds(served, tiny_zip, tmp_path, capsys):
@@ -377,14 +379,14 @@ def test_the_split_is_the_same_for_the_same_seed_and_differs_for_another(tiny_zi
 
 def test_split_classes_cuts_equal_groups_and_keeps_the_first_of_each():
     wnids = [f"n{i:08d}" for i in range(200)]
-    full = dp.split_classes(wnids, seed=0, num_tasks=4, per_task=None)
+    full = split_classes(wnids, seed=0, num_tasks=4, per_task=None)
     assert [len(g) for g in full] == [50] * 4
     assert sorted(w for g in full for w in g) == wnids
-    half = dp.split_classes(wnids, seed=0, num_tasks=4, per_task=25)
+    half = split_classes(wnids, seed=0, num_tasks=4, per_task=25)
     assert [len(g) for g in half] == [25] * 4
     assert all(set(h) < set(f) for h, f in zip(half, full))
-    assert dp.split_classes(list(reversed(wnids)), 0, 4, None) == full  # the file's order does not matter
-    assert dp.split_classes(wnids, 1, 4, None) != full
+    assert split_classes(list(reversed(wnids)), 0, 4, None) == full  # the file's order does not matter
+    assert split_classes(wnids, 1, 4, None) != full
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,9 @@ LAYERS = [
     "mas",
     "main",
 ]
-TOOLS = {"data_prep": len(LAYERS), "sweep": len(LAYERS)}  # command-line tools on top
+# Command-line tools on top, with the data preparation behind data_prep.py: no training module
+# imports it, and it imports only utils (see test_mas_data_imports_only_utils_and_itself).
+TOOLS = {"data_prep": len(LAYERS), "sweep": len(LAYERS), "mas_data": len(LAYERS)}
 MAX_LINES = 45
 LONG_ALLOWED = {"build_parser"}  # argparse builders: one statement per flag
 
@@ -75,6 +77,18 @@ def test_utils_is_io_only_and_the_core_does_not_import_the_optimizer():
             assert all(m.startswith("utils") for m in imports), name
         if name in ("importance", "reg_params") or name.startswith("methods"):
             assert "optimizer_lib" not in imports, name
+
+
+def test_mas_data_imports_only_utils_and_itself():
+    """The manifest's schema is shared through utils/manifest.py, never by importing the training side."""
+    seen = []
+    for path in _sources():
+        name = _module_name(path)
+        if name.startswith("mas_data"):
+            seen.append(name)
+            imports = _imports(ast.parse(path.read_text()))
+            assert all(m.split(".")[0] in ("utils", "mas_data") for m in imports), (name, imports)
+    assert "mas_data.build" in seen and "mas_data.download" in seen
 
 
 def test_functions_are_short():

@@ -31,11 +31,10 @@ from utils.data_cache import RunCache, SplitStore
 from utils.image_decode import IMAGE_EXTENSIONS, ImageFiles, as_tensor, pil_resize, read_image
 from utils.interrupt import InterruptibleLoader
 from utils.io_utils import load_json
-from utils.manifest import check_manifest
+from utils.manifest import MANIFEST, check_manifest
 from utils.tensor_data import CachedLoader, SplitDataset
 from utils.tensor_transforms import TensorTransform, normalise, tensor_transform, test_resize
 
-MANIFEST = "manifest.json"
 _TASK_DIR = re.compile(r"^Task_(\d+)$")
 
 

@@ -1,11 +1,14 @@
-"""The schema of ``Data/manifest.json`` (written by ``data_prep.py``), checked once, where it is read.
+"""The schema of ``Data/manifest.json``, for the side that writes it (``data_prep.py``, through
+``mas_data``) and the side that reads it (``utils/data_utils.py`` for ``main.py``): one file name,
+one set of bounds, one check, run by the writer before it saves and by the reader once, where it loads.
 
 Required: ``dataset`` (string), ``tasks`` (a non-empty list of ``{"name", "classes"}``, the names
-``Task_1 ... Task_T`` in order, each with distinct class names), ``image_size``, ``channels`` (1 or 3),
-``mean`` and ``std`` (one finite number per channel, std > 0). Optional: ``augment`` (boolean),
-``default_arch`` (string), ``defaults`` (an object; each entry is checked like the flag it stands for
-by config.py), ``num_tasks`` (the number of tasks), ``num_train``/``num_test`` per task (counts),
-``class_names`` (strings), ``prepared_with`` and any other field data_prep.py records.
+``Task_1 ... Task_T`` in order, each with distinct class names), ``image_size`` (1 to MAX_IMAGE_SIZE),
+``channels`` (1 or 3), ``mean`` and ``std`` (one finite number per channel, std > 0). Optional:
+``augment`` (boolean), ``default_arch`` (string), ``defaults`` (an object; each entry is checked like
+the flag it stands for by config.py), ``num_tasks`` (the number of tasks), ``num_train``/``num_test``
+per task (counts), ``class_names`` (strings), ``prepared_with`` (the arguments that made the split;
+its presence marks a split of data_prep.py) and any other field data_prep.py records.
 """
 
 from __future__ import annotations
@@ -14,9 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from utils import UserError
+from utils.io_utils import save_json
 from utils.schema import entry, in_range, items
 
-MAX_IMAGE_SIZE = 65_535
+MANIFEST = "manifest.json"  # inside the data folder, beside Task_1 ... Task_T
+# The stored size becomes the run's --image_size when the flag is not given (every trunk but
+# AlexNet), so it is bounded as that flag is: a manifest may not ask for what the command line refuses.
+MAX_IMAGE_SIZE = 4096
+PREPARED_WITH = "prepared_with"
 
 
 def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
@@ -57,3 +65,18 @@ def _check_task(task: Any, number: int, where: str) -> None:
         if entry(task, key, int, where, default=0) < 0:
             raise UserError(f"{where}: '{key}' must be >= 0")
     items(entry(task, "class_names", list, where, default=[]), str, f"{where}: 'class_names'")
+
+
+def write_manifest(fields: dict[str, Any], signature: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Save ``folder/manifest.json``: ``fields`` (a dataset's description of its tasks), then the
+    number of tasks and the ``signature`` that made them, checked against the schema first so that
+    data_prep.py never writes what main.py would refuse. Returns what was written."""
+    manifest = {**fields, "num_tasks": len(fields["tasks"]), PREPARED_WITH: signature}
+    path = folder / MANIFEST
+    save_json(check_manifest(manifest, path), path)
+    return manifest
+
+
+def written_by_data_prep(manifest: Any) -> bool:
+    """Whether a loaded manifest is one that data_prep.py wrote (it records what made the split)."""
+    return isinstance(manifest, dict) and PREPARED_WITH in manifest
