@@ -23,6 +23,7 @@ import methods
 from model_class import ARCHS, check_image_size
 from model_train import AMP_DTYPES
 from optimizer_lib import PENALTY_STEPS
+from presets import presets_for
 from utils import UserError
 from utils.cli import OneLineParser, at_least, int_between, positive_float, seed, unit_interval
 from utils.data_cache import CACHE_MODES
@@ -96,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--models_dir", default="models", help="where the artefacts of every task go (default: %(default)s)")
     p.add_argument(
-        "--arch", choices=ARCHS, default=None, help="trunk (default: %(default)s, i.e. the manifest's default_arch)"
+        "--arch",
+        choices=ARCHS,
+        default=None,
+        help="trunk (default: %(default)s, i.e. the data set's preset in presets.py: mlp for digits and MNIST, "
+        "convnet for CIFAR, alexnet otherwise)",
     )
     p.add_argument("--momentum", type=unit_interval, default=0.9, help="SGD momentum (default: %(default)s)")
     p.add_argument("--weight_decay", type=at_least(0.0), default=0.0, help="L2 weight decay (default: %(default)s)")
@@ -238,9 +243,9 @@ def _as_flags(key: str, value: Any, builtin: dict[str, Any], path: Path) -> list
 
 
 def manifest_defaults(manifest: Mapping[str, Any], builtin: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The manifest's ``defaults`` (and ``default_arch``), checked like the flags they stand for."""
-    defaults = dict(manifest.get("defaults", {}))
-    defaults.setdefault("arch", manifest.get("default_arch", "alexnet"))
+    """The training presets of the manifest's data set (presets.py, with what the manifest itself carries),
+    checked like the flags they stand for."""
+    defaults = presets_for(manifest)
     for key in defaults:
         if key not in builtin or key in NOT_FROM_MANIFEST:
             raise UserError(f"{path}: unknown default {key!r}")

@@ -28,7 +28,6 @@ from utils import UserError
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_ -]*")
 # Neither tuned on the real data (not reachable from this repository's machine): SGD with momentum
 # 0.9 from scratch, lr x0.1 after 20 epochs as main.py schedules it.
-CIFAR_DEFAULTS = {"pretrained": False, "num_freeze_layers": 0, "init_lr": 0.01, "num_epochs": 30, "batch_size": 64}
 # What a damaged archive, or damaged files unpacked from it, raise while torchvision reads them.
 CIFAR_DAMAGE = (*UNPACK_ERRORS, pickle.UnpicklingError, KeyError, ValueError, TypeError, IndexError, AttributeError)
 
@@ -99,6 +98,4 @@ def prepare_cifar(args: argparse.Namespace, out: Path) -> dict:
         "mean": mean,
         "std": std,
         "augment": False,
-        "default_arch": "convnet",
-        "defaults": dict(CIFAR_DEFAULTS),
     }

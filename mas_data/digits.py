@@ -19,9 +19,6 @@ from mas_data.image_tasks import Split, TaskSpec, histogram_stats, write_tasks
 DIGIT_PAIRS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
 ALL_DIGITS = {d: str(d) for d in range(10)}
 DIGITS_SOURCE = "sklearn.datasets.load_digits (UCI optical recognition of handwritten digits, 8x8)"
-# Binary digit tasks are easy: with the seed's lr 0.001 and 10 epochs fine-tuning forgets
-# nothing, so these defaults make forgetting (and what MAS prevents) visible.
-DIGITS_DEFAULTS = {"init_lr": 0.02, "num_epochs": 30}
 
 
 def grey_stats(train: np.ndarray) -> tuple[list[float], list[float]]:
@@ -31,8 +28,8 @@ def grey_stats(train: np.ndarray) -> tuple[list[float], list[float]]:
     return [float(scaled.mean())], [float(scaled.std())]
 
 
-def digit_manifest(dataset: str, source: str, tasks: list[dict], size: int, stats: tuple, extra: dict) -> dict:
-    """The manifest of a grey digit sequence for the MLP."""
+def digit_manifest(dataset: str, source: str, tasks: list[dict], size: int, stats: tuple) -> dict:
+    """The manifest of a grey digit sequence (main.py's presets for it are in presets.py)."""
     return {
         "dataset": dataset,
         "source": source,
@@ -42,8 +39,6 @@ def digit_manifest(dataset: str, source: str, tasks: list[dict], size: int, stat
         "mean": stats[0],
         "std": stats[1],
         "augment": False,
-        "default_arch": "mlp",
-        "defaults": {"pretrained": False, "num_freeze_layers": 0, "num_workers": 0, **extra},
     }
 
 
@@ -80,16 +75,16 @@ def variant_specs(args: argparse.Namespace, size: int) -> tuple[list[TaskSpec], 
 
 
 def prepare_digit_sequence(
-    args: argparse.Namespace, out: Path, splits: dict[str, Split], source: str, width: int, defaults: dict
+    args: argparse.Namespace, out: Path, splits: dict[str, Split], source: str, width: int
 ) -> dict:
     """Split (5 tasks of 2 digits), permuted or rotated tasks of grey digit images."""
     size = splits["train"][0].shape[1]
     if args.scenario == "split":
         tasks, _ = write_tasks(out, splits, [TaskSpec({d: str(d) for d in pair}) for pair in DIGIT_PAIRS], width)
-        return digit_manifest(args.dataset, source, tasks, size, grey_stats(splits["train"][0]), defaults)
+        return digit_manifest(args.dataset, source, tasks, size, grey_stats(splits["train"][0]))
     specs, note = variant_specs(args, size)
     tasks, histograms = write_tasks(out, splits, specs, width)
-    manifest = digit_manifest(args.dataset, f"{source}; {note}", tasks, size, histogram_stats(histograms), defaults)
+    manifest = digit_manifest(args.dataset, f"{source}; {note}", tasks, size, histogram_stats(histograms))
     return {"dataset": args.dataset, "scenario": args.scenario, **manifest}
 
 
@@ -105,4 +100,4 @@ def prepare_digits(args: argparse.Namespace, out: Path) -> dict:
     index = np.arange(len(labels))
     train_idx, test_idx = train_test_split(index, test_size=0.3, stratify=labels, random_state=args.seed)
     splits = {name: (pixels[idx], labels[idx], idx) for name, idx in (("train", train_idx), ("test", test_idx))}
-    return prepare_digit_sequence(args, out, splits, DIGITS_SOURCE, 4, DIGITS_DEFAULTS)
+    return prepare_digit_sequence(args, out, splits, DIGITS_SOURCE, 4)

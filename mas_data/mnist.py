@@ -63,5 +63,4 @@ def prepare_mnist(args: argparse.Namespace, out: Path) -> dict:
     """MNIST, official train/test split, 28x28 grey PNG files; split (Split-MNIST), permuted or rotated."""
     root = Path(args.download_dir)
     splits = {"train": load_mnist(root, True, args.retries), "test": load_mnist(root, False, args.retries)}
-    # main.py's learning rate and epochs (0.001, 10) are kept: not tuned on the real MNIST.
-    return prepare_digit_sequence(args, out, splits, MNIST_SOURCE, 5, {})
+    return prepare_digit_sequence(args, out, splits, MNIST_SOURCE, 5)

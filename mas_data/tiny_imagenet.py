@@ -197,6 +197,4 @@ def prepare_tiny_imagenet(args: argparse.Namespace, out: Path) -> dict:
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
         "augment": True,
-        "default_arch": "alexnet",
-        "defaults": {},  # main.py's built-in defaults are the AlexNet ones
     }

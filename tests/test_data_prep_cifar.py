@@ -245,8 +245,6 @@ def test_download_writes_every_image_in_label_order_tasks_with_its_manifest(cifa
         "mean": [pytest.approx(m, abs=1e-12) for m in mean],
         "std": [pytest.approx(s, abs=1e-12) for s in std],
         "augment": False,
-        "default_arch": "convnet",
-        "defaults": {"pretrained": False, "num_freeze_layers": 0, "init_lr": 0.01, "num_epochs": 30, "batch_size": 64},
         "num_tasks": num_tasks,
         "prepared_with": {"dataset": fake.dataset, **({"num_tasks": 10} if fake.dataset == "cifar100" else {})},
     }

@@ -94,8 +94,6 @@ def test_conversion_writes_five_pairs_with_the_official_split(tmp_path):
         "mean": [pytest.approx(train.mean())],
         "std": [pytest.approx(train.std())],
         "augment": False,
-        "default_arch": "mlp",
-        "defaults": {"pretrained": False, "num_freeze_layers": 0, "num_workers": 0},
         "num_tasks": 5,
         "prepared_with": {"dataset": "mnist"},
     }

@@ -19,17 +19,41 @@ from torchvision.datasets import MNIST
 
 import data_prep as dp
 from mas_data import digits
+from presets import presets_for
 
 DIGITS = load_digits()
 SOURCE = np.round(DIGITS.images * (255.0 / 16.0)).astype(np.uint8)  # what data_prep.py reads
 ALL = [str(d) for d in range(10)]
-# MD5 of the manifests that data_prep.py wrote before --scenario existed (commit 5e74eee):
-# digits with --seed 0 and --seed 3, and MNIST from the generated files of test_data_prep_mnist.
+# MD5 of the manifests that data_prep.py wrote before --scenario existed, when they still carried main.py's
+# presets (now in presets.py): digits with --seed 0 and --seed 3, and MNIST from the generated files of
+# test_data_prep_mnist. Today's manifest with those presets put back must hash to the same bytes.
 SPLIT_MANIFEST_MD5 = {
     ("digits", "0"): "ba6b6c795b944ecd91af81ee7fdcb9e2",
     ("digits", "3"): "671653c8c45438dd6915466a7a9ae6c1",
     ("mnist", None): "ededb89081fc589c34b0af1d1002ec06",
 }
+
+
+OLD_PRESETS = {
+    "digits": (
+        "mlp",
+        {"pretrained": False, "num_freeze_layers": 0, "num_workers": 0, "init_lr": 0.02, "num_epochs": 30},
+    ),
+    "mnist": ("mlp", {"pretrained": False, "num_freeze_layers": 0, "num_workers": 0}),
+}
+
+
+def md5_with_old_presets(path: Path) -> str:
+    """The manifest at ``path`` with the presets the old format carried put back after 'augment'."""
+    manifest = json.loads(path.read_text())
+    assert "defaults" not in manifest and "default_arch" not in manifest  # data only
+    arch, defaults = OLD_PRESETS[manifest["dataset"]]
+    old = {}
+    for key, value in manifest.items():
+        old[key] = value
+        if key == "augment":
+            old |= {"default_arch": arch, "defaults": defaults}
+    return hashlib.md5((json.dumps(old, indent=2) + "\n").encode()).hexdigest()
 
 
 def prepare(out: Path, *flags: str) -> dict:
@@ -75,7 +99,7 @@ def test_permuted_manifest_records_scenario_seed_and_permutations(permuted):
     for task in manifest["tasks"]:
         assert task["classes"] == ALL and (task["num_train"], task["num_test"]) == (1257, 540)
         assert set(task) == {"name", "classes", "num_train", "num_test", "permutation"}
-    assert (manifest["image_size"], manifest["channels"], manifest["default_arch"]) == (8, 1, "mlp")
+    assert (manifest["image_size"], manifest["channels"], presets_for(manifest)["arch"]) == (8, 1, "mlp")
 
 
 def test_permuted_images_are_the_permuted_pixels_of_scikit_learns_digits(permuted):
@@ -181,8 +205,7 @@ def test_a_rerun_is_a_no_op_and_other_permutations_are_refused(permuted, capsys)
 @pytest.mark.parametrize("seed", ["0", "3"])
 def test_split_digits_manifest_is_byte_identical_to_before(tmp_path, seed):
     prepare(tmp_path / "Data", "--dataset", "digits", "--seed", seed)
-    digest = hashlib.md5((tmp_path / "Data" / "manifest.json").read_bytes()).hexdigest()
-    assert digest == SPLIT_MANIFEST_MD5[("digits", seed)]
+    assert md5_with_old_presets(tmp_path / "Data" / "manifest.json") == SPLIT_MANIFEST_MD5[("digits", seed)]
 
 
 # --- MNIST ------------------------------------------------------------------------------------------
@@ -202,8 +225,7 @@ def prepare_mnist(tmp_path: Path, *flags: str) -> dict:
 def test_split_mnist_manifest_is_byte_identical_to_before(tmp_path):
     write_raw(tmp_path / "dl" / "MNIST" / "raw")
     prepare_mnist(tmp_path)
-    digest = hashlib.md5((tmp_path / "Data" / "manifest.json").read_bytes()).hexdigest()
-    assert digest == SPLIT_MANIFEST_MD5[("mnist", None)]
+    assert md5_with_old_presets(tmp_path / "Data" / "manifest.json") == SPLIT_MANIFEST_MD5[("mnist", None)]
 
 
 def test_permuted_mnist_images_are_the_permuted_source_pixels(tmp_path):

@@ -184,8 +184,6 @@ def expected_manifest(split: list[list[str]], md5: str, signature: dict) -> dict
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
         "augment": True,
-        "default_arch": "alexnet",
-        "defaults": {},
         "num_tasks": len(split),
         "prepared_with": signature,
     }
