@@ -94,10 +94,10 @@ def _assert_ranks_hold_the_same(per_rank: Path, num_tasks: int) -> None:
         assert rank0["accuracy"] == rank1["accuracy"]
 
 
-# Training tasks of 11, 13 and 25 images at the global batch of 8: last global batches of 3, 5 and 1
-# samples (the last fewer than the 2 ranks); test sets of 5, 9 and 7 images (8 a batch: with whole
-# batches, rank 1 scores nothing of task 1). The importance pass takes batches of 8 as well.
-ODD_TRAIN, ODD_TEST = (11, 13, 25), (5, 9, 7)
+# Training tasks of 11, 13, 25 and 5 images at the global batch of 8: last global batches of 3, 5, 1 and 5
+# samples (the 1 fewer than the 2 ranks); test sets of 5, 9, 7 and 3 images. The importance pass and the
+# tests take whole batches of 8 a rank: rank 1 scores none of task 4's images, nor tests task 1 or 4.
+ODD_TRAIN, ODD_TEST = (11, 13, 25, 5), (5, 9, 7, 3)
 METHODS = {
     "mas_per_sample": ["--method", "mas", "--omega_estimator", "per_sample"],
     "mas_batch": ["--method", "mas", "--omega_estimator", "batch"],
@@ -108,7 +108,7 @@ METHODS = {
 
 def _odd_tasks(root: Path) -> Path:
     """write_dataset's images, cut down to ODD_TRAIN / ODD_TEST images a task (2 classes)."""
-    data = write_dataset(root, num_tasks=3, n_train=max(ODD_TRAIN), n_test=max(ODD_TEST))
+    data = write_dataset(root, num_tasks=len(ODD_TRAIN), n_train=max(ODD_TRAIN), n_test=max(ODD_TEST))
     manifest = json.loads((data / "manifest.json").read_text())
     for entry, n_train, n_test in zip(manifest["tasks"], ODD_TRAIN, ODD_TEST, strict=True):
         for split, total in (("train", n_train), ("test", n_test)):
@@ -140,7 +140,8 @@ def odd_runs(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 def test_two_ranks_equal_one_process_at_any_dataset_size(odd_runs, method):
     root, done = odd_runs
     assert done.returncode == 0, done.stderr[-3000:]
-    sizes = [sum(1 for _ in (root / "Data" / f"Task_{t}" / "train").rglob("*.png")) for t in (1, 2, 3)]
+    tasks = range(1, len(ODD_TRAIN) + 1)
+    sizes = [sum(1 for _ in (root / "Data" / f"Task_{t}" / "train").rglob("*.png")) for t in tasks]
     assert sizes == list(ODD_TRAIN)
     _assert_close_runs(root / method / "ranks", root / method / "single")
     assert json.loads((root / method / "ranks" / "results.json").read_text())["args"]["world_size"] == 2
@@ -150,7 +151,7 @@ def test_two_ranks_equal_one_process_at_any_dataset_size(odd_runs, method):
 def test_the_epoch_line_under_torchrun_is_the_epochs_over_every_rank(odd_runs):
     root, done = odd_runs
     assert done.returncode == 0, done.stderr[-3000:]
-    per_run = done.stdout.split("synthetic: 3 tasks")[1:]  # rank 0 alone prints; one part per run
+    per_run = done.stdout.split(f"synthetic: {len(ODD_TRAIN)} tasks")[1:]  # rank 0 alone prints; one part per run
     assert len(per_run) == len(METHODS)
     for index, method in enumerate(METHODS):
         single = json.loads((root / method / "single" / "results.json").read_text())["tasks"]
