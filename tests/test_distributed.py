@@ -101,7 +101,7 @@ ODD_TRAIN, ODD_TEST = (11, 13, 25, 5), (5, 9, 7, 3)
 METHODS = {
     "mas_per_sample": ["--method", "mas", "--omega_estimator", "per_sample"],
     "mas_batch": ["--method", "mas", "--omega_estimator", "batch"],
-    "ewc": ["--method", "ewc"],
+    "ewc": ["--method", "ewc", "--cache", "off"],  # the loaders of the files, the others from memory
     "si": ["--method", "si"],
 }
 
