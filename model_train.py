@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
@@ -67,13 +68,21 @@ def _autocast(device: torch.device, precision: Precision):
     return torch.autocast(device.type, dtype=precision.dtype)
 
 
-def _loss_value(loss: torch.Tensor) -> float:
-    """The batch's loss; with several ranks the mean over them, in one all-reduce with the ranks'
-    interrupt requests, so that every rank sees a divergence or a Ctrl-C at the same step."""
+def _step_totals(loss: torch.Tensor, correct: int) -> tuple[float, int]:
+    """The step's batch mean loss and its number of correct predictions, over the whole one-process
+    batch. With several ranks, both are summed over them in one all-reduce with the ranks' interrupt
+    requests, so that every rank sees a divergence or a Ctrl-C at the same step; each rank's loss is its
+    weighted share (StepShare.loss_weights), whose sum over the ranks divided by their number is the
+    batch mean."""
     if not distributed.active():
-        return loss.item()
-    (total,) = interrupt.check_everywhere([loss.item()])
-    return total / torch.distributed.get_world_size()
+        return loss.item(), correct
+    total, correct_everywhere = interrupt.check_everywhere([loss.item(), float(correct)])
+    return total / torch.distributed.get_world_size(), round(correct_everywhere)
+
+
+def _shared_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_i weights_i CE_i: this rank's share of the global batch's mean cross-entropy (see StepShare)."""
+    return (F.cross_entropy(logits, labels, reduction="none") * weights).sum()
 
 
 def _backward_and_step(loss: torch.Tensor, optimizer: Optimizer, scaler: torch.amp.GradScaler | None) -> None:
@@ -94,24 +103,30 @@ def train_one_epoch(
     desc: str,
     precision: Precision = FLOAT32,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (%) over one pass of the training loader."""
+    """Mean cross-entropy and accuracy (%) over one pass of the training loader; under torchrun over
+    every rank's samples, each counted once: the values one process reports."""
     model.train()
     criterion = nn.CrossEntropyLoss()
+    shares, size = distributed.step_shares(task.train), distributed.world_size()
     loss_sum = correct = seen = 0
     bar = tqdm(task.train, desc=desc, leave=False, disable=None if distributed.is_writer() else True)
-    for inputs, labels in bar:
+    for step, (inputs, labels) in enumerate(bar):
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        share = shares(step) if shares is not None else None
+        weights = None if share is None else torch.tensor(share.loss_weights(size), device=device)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, precision):
             logits = model(inputs)
-            loss = criterion(logits, labels)
-        loss_value = _loss_value(loss)
-        if not math.isfinite(loss_value):
-            raise Diverged(f"{task.name}: the training loss became {loss_value} at {desc}")
+            loss = criterion(logits, labels) if weights is None else _shared_loss(logits, labels, weights)
+        hits = logits.argmax(1) == labels
+        batch_loss, batch_correct = _step_totals(loss, int(hits.sum() if weights is None else hits[weights > 0].sum()))
+        if not math.isfinite(batch_loss):
+            raise Diverged(f"{task.name}: the training loss became {batch_loss} at {desc}")
         _backward_and_step(loss, optimizer, precision.scaler)
-        loss_sum += loss_value * labels.numel()
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += labels.numel()
+        count = labels.numel() if share is None else share.global_count
+        loss_sum += batch_loss * count
+        correct += batch_correct
+        seen += count
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
     return loss_sum / seen, 100.0 * correct / seen
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from conftest import ROOT, assert_same_run, write_dataset
 from main import main
 from utils.io_utils import load_tensor_pickle
 
-# 24 training images a task: 3 global batches of 8 = 2 ranks x 4; the test set (8) splits into 2 x 4.
+# 24 training images a task: 3 global batches of 8 (the odd sizes are _odd_tasks'); a test set of 8.
 FLAGS = ["--num_epochs", "3", "--batch_size", "8", "--init_lr", "0.05", "--momentum", "0.9", "--seed", "5"]
 TIMEOUT = 300
 
@@ -64,38 +65,101 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _assert_close_runs(models: Path, reference: Path) -> None:
-    """Same accuracy matrix; trunk, heads and Omega within 1e-5 relative (float summation order)."""
-    matrices = [json.loads((m / "results.json").read_text())["accuracy_matrix"] for m in (models, reference)]
-    assert matrices[0] == matrices[1]
-    for name in ("shared_model.pth", "Task_1/head.pth", "Task_2/head.pth"):
+    """Same accuracy matrix; trunk, heads and Omega within 1e-5 relative (float summation order); each
+    epoch's training loss and accuracy within 1e-5."""
+    results = [json.loads((m / "results.json").read_text()) for m in (models, reference)]
+    assert results[0]["accuracy_matrix"] == results[1]["accuracy_matrix"]
+    tasks = sorted(p.name for p in reference.glob("Task_*"))
+    assert tasks and sorted(p.name for p in models.glob("Task_*")) == tasks
+    for name in ("shared_model.pth", *(f"{task}/head.pth" for task in tasks)):
         ours, ref = (torch.load(m / name, weights_only=True) for m in (models, reference))
         assert all(_close(ours[k], ref[k]) for k in ref), name
     ours, ref = (load_tensor_pickle(m / "reg_params.pickle") for m in (models, reference))
     for name in ref:
         for key in ("omega", "init_val", "prev_omega"):
             assert _close(ours[name][key], ref[name][key]), (name, key)
+    for ours, ref in zip(*(r["tasks"] for r in results), strict=True):
+        for epoch, ref_epoch in zip(ours["history"], ref["history"], strict=True):
+            assert epoch["loss"] == pytest.approx(ref_epoch["loss"], rel=1e-5), (ours["name"], epoch)
+            assert epoch["accuracy"] == pytest.approx(ref_epoch["accuracy"], rel=1e-5), (ours["name"], epoch)
 
 
-@pytest.mark.parametrize(
-    "method",
-    [["--method", "mas", "--omega_estimator", "per_sample"], ["--method", "ewc"], ["--method", "si"]],
-    ids=["mas", "ewc", "si"],
-)
-def test_two_ranks_equal_one_process(data, tmp_path, method):
-    single, ranks = tmp_path / "single", tmp_path / "ranks"
-    main(_argv(data, single, *method, "--reg_lambda", "0.5"))
-    per_rank = tmp_path / "per_rank"
-    done = _run(_torchrun("tests/ddp_driver.py", str(per_rank), *_argv(data, ranks, *method, "--reg_lambda", "0.5")))
-    assert done.returncode == 0, done.stderr[-3000:]
-    _assert_close_runs(ranks, single)
-    assert json.loads((ranks / "results.json").read_text())["args"]["world_size"] == 2
-    for task in (1, 2):  # the ranks hold the same model, Omega and theta*, bit for bit
+def _assert_ranks_hold_the_same(per_rank: Path, num_tasks: int) -> None:
+    """Every rank holds the same model, Omega and theta*, bit for bit, after every task."""
+    for task in range(1, num_tasks + 1):
         rank0, rank1 = (torch.load(per_rank / f"rank{r}_task{task}.pt", weights_only=True) for r in (0, 1))
         assert all(torch.equal(rank0["model"][k], rank1["model"][k]) for k in rank0["model"])
         for name, entry in rank0["reg_params"].items():
             assert all(torch.equal(entry[k], rank1["reg_params"][name][k]) for k in entry)
         assert rank0["accuracy"] == rank1["accuracy"]
-    assert "== Task_1" in done.stdout and done.stdout.count("Task | after training") == 1  # rank 0 prints
+
+
+# Training tasks of 11, 13, 25 and 5 images at the global batch of 8: last global batches of 3, 5, 1 and 5
+# samples (the 1 fewer than the 2 ranks); test sets of 5, 9, 7 and 3 images. The importance pass and the
+# tests take whole batches of 8 a rank: rank 1 scores none of task 4's images, nor tests task 1 or 4.
+ODD_TRAIN, ODD_TEST = (11, 13, 25, 5), (5, 9, 7, 3)
+METHODS = {
+    "mas_per_sample": ["--method", "mas", "--omega_estimator", "per_sample"],
+    "mas_batch": ["--method", "mas", "--omega_estimator", "batch"],
+    "ewc": ["--method", "ewc", "--cache", "off"],  # the loaders of the files, the others from memory
+    "si": ["--method", "si"],
+}
+
+
+def _odd_tasks(root: Path) -> Path:
+    """write_dataset's images, cut down to ODD_TRAIN / ODD_TEST images a task (2 classes)."""
+    data = write_dataset(root, num_tasks=len(ODD_TRAIN), n_train=max(ODD_TRAIN), n_test=max(ODD_TEST))
+    manifest = json.loads((data / "manifest.json").read_text())
+    for entry, n_train, n_test in zip(manifest["tasks"], ODD_TRAIN, ODD_TEST, strict=True):
+        for split, total in (("train", n_train), ("test", n_test)):
+            for k, name in enumerate(entry["classes"]):
+                keep = (total + 1 - k) // 2  # the first class takes the odd one
+                for image in sorted((data / entry["name"] / split / name).iterdir(), key=lambda f: int(f.stem)):
+                    if int(image.stem) >= keep:
+                        image.unlink()
+        entry["num_train"], entry["num_test"] = n_train, n_test
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    return data
+
+
+@pytest.fixture(scope="module")
+def odd_runs(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """Every method of METHODS on the odd tasks: in one torchrun launch of 2 ranks (ddp_driver.py runs
+    them one after the other) under ``<root>/<method>/ranks``, and in this process under ``.../single``."""
+    root = tmp_path_factory.mktemp("odd")
+    data = _odd_tasks(root / "Data")
+    runs = [_argv(data, root / name / "ranks", *flags, "--reg_lambda", "0.5") for name, flags in METHODS.items()]
+    chained = [arg for i, argv in enumerate(runs) for arg in (["--then"] if i else []) + argv]
+    done = _run(_torchrun("tests/ddp_driver.py", str(root / "per_rank"), *chained))
+    for name, flags in METHODS.items():
+        main(_argv(data, root / name / "single", *flags, "--reg_lambda", "0.5"))
+    return root, done
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_ranks_equal_one_process_at_any_dataset_size(odd_runs, method):
+    root, done = odd_runs
+    assert done.returncode == 0, done.stderr[-3000:]
+    tasks = range(1, len(ODD_TRAIN) + 1)
+    sizes = [sum(1 for _ in (root / "Data" / f"Task_{t}" / "train").rglob("*.png")) for t in tasks]
+    assert sizes == list(ODD_TRAIN)
+    _assert_close_runs(root / method / "ranks", root / method / "single")
+    assert json.loads((root / method / "ranks" / "results.json").read_text())["args"]["world_size"] == 2
+    _assert_ranks_hold_the_same(root / "per_rank" / str(list(METHODS).index(method)), len(ODD_TRAIN))
+
+
+def test_the_epoch_line_under_torchrun_is_the_epochs_over_every_rank(odd_runs):
+    root, done = odd_runs
+    assert done.returncode == 0, done.stderr[-3000:]
+    per_run = done.stdout.split(f"synthetic: {len(ODD_TRAIN)} tasks")[1:]  # rank 0 alone prints; one part per run
+    assert len(per_run) == len(METHODS)
+    for index, method in enumerate(METHODS):
+        single = json.loads((root / method / "single" / "results.json").read_text())["tasks"]
+        printed = re.findall(r"^(Task_\d) epoch +(\d+)/3 .*loss ([\d.]+) +acc +([\d.]+)%", per_run[index], re.M)
+        epochs = [(task["name"], epoch) for task in single for epoch in task["history"]]
+        expected = [(name, str(e["epoch"]), f"{e['loss']:.4f}", f"{e['accuracy']:.2f}") for name, e in epochs]
+        assert printed == expected, method
+    assert done.stdout.count("Task | after training") == len(METHODS)
 
 
 def test_two_nodes_on_loopback_equal_one_node_with_two_ranks(data, tmp_path):
@@ -221,22 +285,3 @@ def test_a_plain_process_is_rank_0_of_1():
     assert from_environment({}) == World()
     world = from_environment({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "TORCHELASTIC_RESTART_COUNT": "3"})
     assert (world.rank, world.size, world.local_rank, world.restart, world.writer) == (1, 2, 1, 3, False)
-
-
-def test_shards_cover_every_sample_once_and_training_shards_make_the_global_batch():
-    from torch.utils.data import BatchSampler, RandomSampler
-
-    from utils.distributed import ShardedRandomSampler, ShardSampler
-
-    data = list(range(23))
-    shards = [list(ShardSampler(data, r, 3)) for r in range(3)]
-    assert sorted(i for s in shards for i in s) == data and all(s == sorted(s) for s in shards)
-    torch.manual_seed(4)
-    single = list(BatchSampler(RandomSampler(data), 6, drop_last=False))
-    per_rank = []
-    for rank in range(2):
-        torch.manual_seed(4)  # every rank seeds alike
-        per_rank.append(list(BatchSampler(ShardedRandomSampler(data, rank, 2), 3, drop_last=False)))
-    assert len(per_rank[0]) == len(per_rank[1])
-    for step, batch in enumerate(single[:-1]):  # the last batch is padded to split evenly
-        assert sorted(per_rank[0][step] + per_rank[1][step]) == sorted(batch)

@@ -160,15 +160,15 @@ def build_transforms(image_size: int, mean: list[float], std: list[float], augme
 
 def sampling(dataset, batch_size: int, shuffle: bool) -> dict[str, Any]:
     """DataLoader arguments for this process's share of a split. One process: the batch size and a
-    shuffle (RandomSampler). Under torchrun, ``batch_size`` is the global batch: each rank takes an
-    equal part of it, and a shard of the data: for training the interleaved shards of one permutation
-    (every rank draws it alike), so that the ranks' batches together are one process's batch; for the
-    importance pass and the tests contiguous blocks without padding, so that every sample counts once."""
+    shuffle (RandomSampler). Under torchrun, ``batch_size`` is the global batch, and the ranks together
+    take exactly one process's batches: for training each rank takes its interleaved part of every
+    shuffled batch (GlobalBatchSampler, which also gives the loss weights); for the importance pass and
+    the tests each rank takes whole batches of the unshuffled order (WholeBatchSampler)."""
     rank, size = distributed.rank(), distributed.world_size()
     if size == 1:
         return {"batch_size": batch_size, "shuffle": shuffle}
-    sampler = distributed.ShardedRandomSampler if shuffle else distributed.ShardSampler
-    return {"batch_size": batch_size // size, "sampler": sampler(dataset, rank, size)}
+    sampler = distributed.GlobalBatchSampler if shuffle else distributed.WholeBatchSampler
+    return {"batch_sampler": sampler(dataset, batch_size, rank, size)}
 
 
 def _loader(folder: Path, transform, mode: str, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:

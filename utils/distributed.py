@@ -2,8 +2,10 @@
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (and the rendezvous address); a plain ``python3 main.py``
 has none of them and runs as one process, exactly as without this module. Everything here is
-PyTorch's own machinery: ``torch.distributed`` with ``nccl`` on GPUs and ``gloo`` on the CPU, its
-collectives and its samplers' conventions; there is no launcher, rendezvous or all-reduce of our own.
+PyTorch's own machinery: ``torch.distributed`` with ``nccl`` on GPUs and ``gloo`` on the CPU and its
+collectives; there is no launcher, rendezvous or all-reduce of our own. The samplers at the end share out
+one process's batches among the ranks, each sample once, so that a torchrun job computes what one
+process computes, up to the order of float sums, at any dataset size.
 
 Rank 0 alone writes files; the others wait at a barrier. What rank 0 decides about the files (an
 error, say, that the models folder holds another run) reaches every rank, so that every rank stops
@@ -204,38 +206,77 @@ def on_writer(work: Callable[[], T]) -> T:
     return value
 
 
-class ShardedRandomSampler(RandomSampler):
-    """RandomSampler's permutation, drawn from the global RNG exactly as RandomSampler draws it, cut
-    into ``size`` interleaved shards (rank r takes positions r, r + size, ...; padded by repeating the
-    first positions, as DistributedSampler, so that every rank takes as many steps). Every rank seeds
-    the global RNG alike, so they draw the same permutation; with a per-rank batch of B / size, the
-    union of the ranks' batches at each step is the batch one process takes with batch size B."""
+@dataclass(frozen=True)
+class StepShare:
+    """One rank's part of one global batch: its real positions in the epoch's permutation and the
+    number of real samples of the whole global batch (the one-process batch)."""
 
-    def __init__(self, data_source, rank: int, size: int) -> None:
-        super().__init__(data_source)
-        self.rank, self.size = rank, size
+    positions: range
+    global_count: int
 
-    def __iter__(self) -> Iterator[int]:
-        order = list(super().__iter__())
-        padded = order + order[: math.ceil(len(order) / self.size) * self.size - len(order)]
-        return iter(padded[self.rank :: self.size])
+    def loss_weights(self, size: int) -> list[float]:
+        """The per-sample weights of the rank's batch: ``size / global_count`` for a real sample, so that
+        DDP's mean over the ranks of the weighted sums is the one-process batch mean; a rank without a
+        real sample still takes one (the batch's first) with weight 0, since every rank joins every
+        all-reduce."""
+        if not self.positions:
+            return [0.0]
+        return [size / self.global_count] * len(self.positions)
+
+
+def step_share(num_samples: int, global_batch: int, step: int, rank: int, size: int) -> StepShare:
+    """Rank ``rank``'s part of global step ``step``: positions rank, rank + size, ... of the global batch
+    (positions [step * global_batch, step * global_batch + n) of the permutation, n <= global_batch)."""
+    first = step * global_batch
+    last = min(first + global_batch, num_samples)
+    return StepShare(range(first + rank, last, size), last - first)
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Training batches under torchrun: one permutation, drawn from the global RNG exactly as
+    RandomSampler draws it (every rank seeds it alike), cut into the one-process batches of
+    ``global_batch``; rank r takes positions r, r + size, ... of each. So the ranks' union at each step
+    is the one-process batch, no sample is repeated, and every rank takes ceil(N / global_batch) steps
+    (with one weight-0 sample where the last batch holds fewer samples than ranks: see StepShare)."""
+
+    def __init__(self, data_source, global_batch: int, rank: int, size: int) -> None:
+        self.data_source, self.global_batch, self.rank, self.size = data_source, global_batch, rank, size
 
     def __len__(self) -> int:
-        return math.ceil(len(self.data_source) / self.size)
+        return math.ceil(len(self.data_source) / self.global_batch)
+
+    def share(self, step: int) -> StepShare:
+        return step_share(len(self.data_source), self.global_batch, step, self.rank, self.size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # RandomSampler refuses an empty dataset; it draws nothing then
+        order = list(RandomSampler(self.data_source)) if len(self.data_source) else []
+        for step in range(len(self)):
+            positions = self.share(step).positions or [step * self.global_batch]
+            yield [order[p] for p in positions]
 
 
-class ShardSampler(Sampler):
-    """A contiguous block of a dataset, in order, without padding: rank r takes positions
-    [r N / size, (r + 1) N / size). Every sample is scored by exactly one rank (importance, tests), so
-    sums over ranks count each sample once; and a rank's batches are the batches one process takes at
-    that batch size whenever a block holds a whole number of batches."""
+class WholeBatchSampler(Sampler[list[int]]):
+    """The importance pass and the tests under torchrun: the one-process batches of ``batch_size`` over
+    the dataset in order, rank r taking batches r, r + size, ... whole. Every sample counts once, and
+    an estimator that depends on a batch's composition (the authors' MAS) sees one process's batches;
+    a rank may get no batch at all."""
 
-    def __init__(self, data_source, rank: int, size: int) -> None:
-        length = len(data_source)
-        self.start, self.stop = rank * length // size, (rank + 1) * length // size
+    def __init__(self, data_source, batch_size: int, rank: int, size: int) -> None:
+        self.length, self.batch_size, self.rank, self.size = len(data_source), batch_size, rank, size
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop))
+    def _starts(self) -> range:
+        return range(self.rank * self.batch_size, self.length, self.size * self.batch_size)
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self._starts())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in self._starts():
+            yield list(range(start, min(start + self.batch_size, self.length)))
+
+
+def step_shares(loader) -> Callable[[int], StepShare] | None:
+    """``share(step)`` of a training loader under torchrun (GlobalBatchSampler); None in one process."""
+    sampler = getattr(loader, "batch_sampler", None)
+    return sampler.share if isinstance(sampler, GlobalBatchSampler) else None
