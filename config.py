@@ -207,7 +207,7 @@ class RunConfig:
     data_fingerprint: str  # identifies the data whatever its path
     manifest: Mapping[str, Any] = field(repr=False, compare=False)
     applied_defaults: Mapping[str, Any] = field(default_factory=dict, compare=False)
-    world_size: int = 1  # processes under torchrun; --batch_size is split evenly among them
+    world_size: int = 1  # processes under torchrun; --batch_size is the global batch, shared among them
 
     def recorded(self) -> dict[str, Any]:
         """The arguments stored in checkpoints and results.json, as flat ``flag -> value``; flags the

@@ -226,14 +226,9 @@ def run(config: RunConfig, device: torch.device) -> dict:
 
 
 def for_world(config: RunConfig, world: distributed.World) -> RunConfig:
-    """The run as one rank of ``world`` sees it: --batch_size is the global batch, split evenly; after
-    torchrun restarted the workers (a worker died), the run continues from its last checkpoint."""
-    for flag in ("batch_size", "importance_batch_size"):
-        if getattr(config, flag) % world.size:
-            raise UserError(
-                f"--{flag} {getattr(config, flag)} does not split evenly among the {world.size} processes: "
-                f"give a multiple of {world.size} (it is the global batch)"
-            )
+    """The run as one rank of ``world`` sees it (--batch_size is the global batch, of any size: each rank
+    weights its share, see utils/distributed.py); after torchrun restarted the workers (a worker died),
+    the run continues from its last checkpoint."""
     config = dataclasses.replace(config, world_size=world.size)
     if world.restart and not config.resume and is_run_folder(Path(config.models_dir)):
         say(f"torchrun restarted the workers (restart {world.restart}): resuming from the last checkpoint")
