@@ -32,7 +32,7 @@ from utils.manifest import MAX_IMAGE_SIZE  # the manifest's stored size is bound
 
 # Flags that are not part of what a run computes: never recorded, never compared on --resume.
 # --checkpoint_every only sets how often the exact resume point is written: a resume may change it.
-NOT_RECORDED = frozenset({"resume", "overwrite", "debug", "checkpoint_every"})
+NOT_RECORDED = frozenset({"resume", "overwrite", "debug", "checkpoint_every", "verbose"})
 # Flags a manifest may not set: where the data and the artefacts are, and what this invocation does.
 NOT_FROM_MANIFEST = NOT_RECORDED | {"data_dir", "models_dir", "plot"}
 _NOT_GIVEN = object()
@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the resume checkpoint after every N-th epoch of a task and after its last one; an "
         "interrupted run resumes, bit-identical, from the last one written (default: %(default)s)",
     )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print every epoch's line (training loss, train accuracy, learning rate); without it, one line "
+        "per task (default: %(default)s)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors (default: %(default)s)")
     for name in names:
         methods.method_class(name).add_args(p.add_argument_group(f"--method {name}"))
@@ -202,6 +208,7 @@ class RunConfig:
     overwrite: bool
     debug: bool
     checkpoint_every: int  # epochs between resume checkpoints (not recorded: it changes no result)
+    verbose: bool  # every epoch's line on the terminal (not recorded)
     method_options: Mapping[str, Any]  # the chosen method's own flags
     channels: int  # what the model takes (AlexNet: 3, also for grey-scale data)
     data_fingerprint: str  # identifies the data whatever its path

@@ -132,7 +132,7 @@ def _task_entry(task_no: int, task, result, wall_seconds: float, resumed: bool) 
 def _load_tasks(config: RunConfig, device: torch.device) -> list:
     manifest = config.manifest
     applied = ", ".join(f"{k}={v}" for k, v in config.applied_defaults.items())
-    say(f"{manifest['dataset']}: {len(manifest['tasks'])} tasks; defaults from the manifest: {applied or 'none'}")
+    say(f"{manifest['dataset']}: {len(manifest['tasks'])} tasks; presets for this data: {applied or 'none'}")
     cache = RunCache(config.cache, config.num_workers)  # decodes each task's images when it first needs them
     loaders = {
         "importance_batch_size": config.importance_batch_size,
@@ -157,6 +157,16 @@ def _train_task(state: RunState, task_no: int, task, device: torch.device, check
         raise
 
 
+def _task_line(task, result, seconds: float, resumed: str) -> str:
+    """The one line a task prints by default (--verbose adds every epoch's)."""
+    last = result.history[-1] if result.history else None
+    trained = f"train loss {last['loss']:.4f}, train acc {last['accuracy']:.2f} %, " if last else ""
+    return (
+        f"{task.name} ({len(task.classes)} classes, {len(task.train.dataset)} images{resumed}): "
+        f"{len(result.history)} epochs, {trained}test acc {result.test_accuracy:.2f} %, {seconds:.1f} s"
+    )
+
+
 def _train_tasks(state: RunState, tasks: list, device: torch.device, checkpoint: dict | None) -> list | None:
     """Train the unfinished tasks; the last forgetting rows computed (None if no task ran)."""
     config, rows = state.config, None
@@ -167,9 +177,11 @@ def _train_tasks(state: RunState, tasks: list, device: torch.device, checkpoint:
         interrupt.check_everywhere()
         resume = checkpoint if checkpoint is not None and checkpoint["task"] == task_no else None
         resumed = f", resuming after epoch {resume['epoch'] + 1}" if resume else ""
-        say(f"== {task.name}: {len(task.classes)} classes, {len(task.train.dataset)} training images{resumed} ==")
+        if config.verbose:
+            say(f"== {task.name}: {len(task.classes)} classes, {len(task.train.dataset)} training images{resumed} ==")
         tic = time.perf_counter()
         result = _train_task(state, task_no, task, device, resume)
+        say(_task_line(task, result, time.perf_counter() - tic, resumed))
         evaluate_now = config.eval_every_task or task_no == len(tasks)
         rows = compute_forgetting(state, tasks[:task_no], device) if evaluate_now else None
         entry = _task_entry(task_no, task, result, time.perf_counter() - tic, resume is not None)
@@ -198,6 +210,10 @@ def _report(config: RunConfig, results: dict, rows: list[ForgettingRow]) -> dict
 
         for path in write_plots([(run_label(results), results)], Path(config.models_dir) / "plots"):
             say(f"wrote {path}")
+    say(
+        f"artefacts of the run in {config.models_dir}: results.json, accuracy_matrix.csv, shared_model.pth, "
+        "reg_params.pickle, Task_<n>/"
+    )
     return {**results, "forgetting": [vars(r) for r in rows], **average}
 
 

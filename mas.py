@@ -229,6 +229,7 @@ def mas_train(
         history=None if checkpoint is None else checkpoint["history"],
         on_epoch_end=_checkpointer(state, task_no, model, optimizer, reg_params, precision),
         precision=precision,
+        verbose=config.verbose,
     )
     train_seconds, tic = time.perf_counter() - tic, time.perf_counter()
     omega = method.importance(model, task)  # the model itself, not its DDP wrapper: each rank scores its shard

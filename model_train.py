@@ -142,8 +142,10 @@ def train_model(
     history: list[dict] | None = None,
     on_epoch_end: EpochEnd | None = None,
     precision: Precision = FLOAT32,
+    verbose: bool = False,
 ) -> list[dict]:
-    """Epochs ``start_epoch .. num_epochs-1``; returns the history of every epoch of the task."""
+    """Epochs ``start_epoch .. num_epochs-1``; returns the history of every epoch of the task. ``verbose``:
+    print each epoch's line (its loss and accuracy are the running training ones, labelled so)."""
     history = list(history or [])
     for epoch in range(start_epoch, num_epochs):
         tic = time.perf_counter()
@@ -156,9 +158,9 @@ def train_model(
             raise Diverged(f"{err}; {_what_is_kept(epoch, optimizer)}") from None
         seconds = time.perf_counter() - tic
         history.append({"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "lr": lr, "seconds": seconds})
-        if distributed.is_writer():
+        if verbose and distributed.is_writer():
             tqdm.write(
-                f"{task.name} epoch {epoch + 1:>3}/{num_epochs}  loss {loss:.4f}  acc {accuracy:6.2f}%  "
+                f"{task.name} epoch {epoch + 1:>3}/{num_epochs}  loss {loss:.4f}  train acc {accuracy:6.2f}%  "
                 f"lr {lr:.2e}  {seconds:.1f}s"
             )
         if on_epoch_end is not None:

@@ -20,7 +20,7 @@ from model_train import _what_is_kept
 from optimizer_lib import LocalSgd
 from utils.checkpoint import CHECKPOINT
 
-RUN = ["--num_epochs", "5", "--batch_size", "4", "--init_lr", "0.02", "--reg_lambda", "0.5", "--seed", "4"]
+RUN = ["--verbose", "--num_epochs", "5", "--batch_size", "4", "--init_lr", "0.02", "--reg_lambda", "0.5", "--seed", "4"]
 TIMEOUT = 300
 
 
@@ -109,7 +109,19 @@ def _torchrun() -> list[str]:
 
 def test_ctrl_c_under_torchrun_prints_the_torchrun_line_that_resumes(tmp_path):
     data = write_dataset(tmp_path / "Data", num_tasks=2, n_train=12, n_test=4)
-    flags = ["--num_epochs", "12", "--batch_size", "8", "--init_lr", "0.05", "--momentum", "0.9", "--seed", "5"]
+    flags = [
+        "--verbose",
+        "--num_epochs",
+        "12",
+        "--batch_size",
+        "8",
+        "--init_lr",
+        "0.05",
+        "--momentum",
+        "0.9",
+        "--seed",
+        "5",
+    ]
     reference, models = tmp_path / "reference", tmp_path / "models"
     launch = [*_torchrun(), "--standalone", "--nproc_per_node", "2", "main.py", "--data_dir", str(data)]
     done = subprocess.run(

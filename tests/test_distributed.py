@@ -20,7 +20,7 @@ from main import main
 from utils.io_utils import load_tensor_pickle
 
 # 24 training images a task: 3 global batches of 8 (the odd sizes are _odd_tasks'); a test set of 8.
-FLAGS = ["--num_epochs", "3", "--batch_size", "8", "--init_lr", "0.05", "--momentum", "0.9", "--seed", "5"]
+FLAGS = ["--verbose", "--num_epochs", "3", "--batch_size", "8", "--init_lr", "0.05", "--momentum", "0.9", "--seed", "5"]
 TIMEOUT = 300
 
 
@@ -155,7 +155,7 @@ def test_the_epoch_line_under_torchrun_is_the_epochs_over_every_rank(odd_runs):
     assert len(per_run) == len(METHODS)
     for index, method in enumerate(METHODS):
         single = json.loads((root / method / "single" / "results.json").read_text())["tasks"]
-        printed = re.findall(r"^(Task_\d) epoch +(\d+)/3 .*loss ([\d.]+) +acc +([\d.]+)%", per_run[index], re.M)
+        printed = re.findall(r"^(Task_\d) epoch +(\d+)/3 .*loss ([\d.]+) +train acc +([\d.]+)%", per_run[index], re.M)
         epochs = [(task["name"], epoch) for task in single for epoch in task["history"]]
         expected = [(name, str(e["epoch"]), f"{e['loss']:.4f}", f"{e['accuracy']:.2f}") for name, e in epochs]
         assert printed == expected, method

@@ -18,7 +18,7 @@ from conftest import ROOT, assert_same_run, write_dataset
 from sweep import main as sweep
 from utils.folder_lock import LOCK_FILE, locked_by
 
-RUN = ["--num_epochs", "4", "--batch_size", "4", "--init_lr", "0.02", "--reg_lambda", "0.5", "--seed", "3"]
+RUN = ["--verbose", "--num_epochs", "4", "--batch_size", "4", "--init_lr", "0.02", "--reg_lambda", "0.5", "--seed", "3"]
 TIMEOUT = 300
 SLUG = "mas_lam0.5_seed0"
 

@@ -23,7 +23,7 @@ from utils.checkpoint import load_checkpoint
 from utils.io_utils import load_tensor_pickle
 
 # Slow enough epochs (400 images of 16x16 per task) that a signal lands inside task 2.
-RUN = ["--num_epochs", "6", "--batch_size", "4", "--init_lr", "0.02", "--reg_lambda", "0.5", "--seed", "7"]
+RUN = ["--verbose", "--num_epochs", "6", "--batch_size", "4", "--init_lr", "0.02", "--reg_lambda", "0.5", "--seed", "7"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,8 @@ def _main_process(data: Path, models: Path, *extra: str) -> subprocess.Popen:
 
 
 def _table(out: str) -> str:
-    return out[out.index("Task | after training") :]
+    """The forgetting table and its summary lines (the last line names the run's own folder)."""
+    return out[out.index("Task | after training") : out.index("artefacts of the run in")]
 
 
 def _signal_in_task_2(proc: subprocess.Popen, sig: int) -> None:
