@@ -1,14 +1,17 @@
 """Sweeps: a grid of ``main.py`` runs (method x reg_lambda x seed), resumable, tabulated and plotted.
 
-    python3 sweep.py --methods mas ewc si finetune --reg_lambda 0.01 0.1 1 10 --seeds 0 1 2 -- --num_epochs 30
+    python3 sweep.py --methods "mas --reg_lambda 0.1 1 10" "ewc --reg_lambda 1e3 1e4 1e5" si finetune \\
+        --reg_lambda 0.01 0.1 1 10 --seeds 0 1 2 -- --num_epochs 30
 
 Every run is its own ``python3 main.py`` process (run from the repository root) with the flags after
 ``--``, then the method's own flags, ``--method``, ``--reg_lambda``, ``--seed`` and
 ``--models_dir <out>/runs/<run>``; its output goes to ``<out>/logs/<run>.log``; relative paths
-in the flags after ``--`` are relative to the repository root. ``finetune`` has no penalty, so it
-runs once per seed whatever the lambdas. At the end ``<out>`` holds ``table.csv``, ``table.md``,
-``plot.png`` (average accuracy against average forgetting) and ``sweep.json`` (the grid and every
-run's status and metrics; a sweep with another grid into the same folder adds to it).
+in the flags after ``--`` are relative to the repository root. A ``--methods`` entry may carry its
+own lambdas (``"ewc --reg_lambda 1e3 1e4"``); the others run the global ``--reg_lambda``.
+``finetune`` has no penalty, so it runs once per seed whatever the lambdas. At the end ``<out>``
+holds ``table.csv``, ``table.md``, ``plot.png`` (average accuracy against average forgetting over
+tasks 1..T-1) and ``sweep.json`` (the grid and every run's status and metrics; a sweep with another
+grid into the same folder adds to it).
 
 A run whose ``results.json`` is complete is skipped; one that diverged (``results.json`` holds
 ``"diverged"``: the training loss became NaN or infinite) is final and reported as such; an
@@ -17,11 +20,16 @@ unfinished one (an incomplete ``results.json`` or a ``checkpoint.pth``) continue
 sweep before anything runs, so runs are never mixed.
 
 With ``--select_seeds``, every (method, lambda) first runs on the selection seeds; per method the
-lambda with the best mean average accuracy is kept (ties: lower mean average forgetting, then
-the smaller lambda; a lambda that diverged on a selection seed is excluded) and only that one runs
-on ``--seeds``. Tables report, per (method, lambda), the mean and sample standard deviation over
-seeds of the metrics of ``results.json`` (average accuracy, average forgetting, backward
-transfer; see utils/results.py), over the runs that finished without diverging.
+lambda with the best mean average accuracy is kept (ties: lower mean forgetting over tasks 1..T-1,
+then the smaller lambda; a lambda that diverged on a selection seed is excluded) and only that one
+runs on ``--seeds``. The accuracy is the validation accuracy when every selection run of the method
+has one (``main.py --val_fraction``), else the selection seeds' test accuracy; ``--select_on``
+forces either, and ``--select_on validation`` without ``--select_seeds`` chooses on the reported
+seeds' validation accuracy. The rule used is written under the tables. Tables report, per
+(method, lambda), the mean and sample standard deviation over seeds of the metrics of
+``results.json`` (average accuracy, forgetting over tasks 1..T-1, backward transfer, and forgetting
+over all T tasks; see utils/results.py), over the runs that finished without diverging, and warn
+about a regulariser whose accuracy matrices are those of finetune on the same seeds.
 """
 
 from __future__ import annotations
@@ -883,6 +891,17 @@ def choose_and_record(
     return chosen, notes
 
 
+def select_on_own_seeds(
+    sweep: Sweep, args: argparse.Namespace, methods: list[Method], entries: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """--select_on validation without --select_seeds: each method's lambda chosen on the validation
+    accuracy of the reported runs; the entries of the chosen lambdas (and finetune), and the notes."""
+    warnings = identical_to_finetune(entries, methods)
+    chosen, notes = choose_and_record(sweep, args, table_rows(entries), own_seeds=True, warnings=warnings)
+    kept = [e for e in entries if e["reg_lambda"] is None or e["reg_lambda"] == chosen[e["method"]]]
+    return kept, notes
+
+
 def check_validation(rows: list[dict[str, Any]]) -> None:
     """--select_on validation: every finished selection run must have recorded a validation accuracy."""
     lacking = [
@@ -914,7 +933,7 @@ def check_data(args: argparse.Namespace, methods: list[Method], tail: list[str])
         for method in methods:
             run = Run(method, method.lambda_grid(args.reg_lambda)[0], args.seeds[0])
             recorded = parse_config(run.main_argv(tail, Path(args.out))).recorded()
-            if args.select_on == "validation" and method.uses_lambda and recorded.get("val_fraction", 1) == 0:
+            if args.select_on == "validation" and method.uses_lambda and not recorded.get("val_fraction", 1):
                 raise UserError(
                     f"--select_on validation: the runs of {method.label} have no validation split; "
                     "give main.py --val_fraction F (F > 0) after --"
@@ -940,12 +959,9 @@ def run_sweep(args: argparse.Namespace, methods: list[Method], tail: list[str], 
     else:
         runs = grid(methods, args.reg_lambda, args.seeds)
     entries = run_phase(sweep, "report", runs)
+    if args.select_on == "validation" and not args.select_seeds:
+        entries, notes = select_on_own_seeds(sweep, args, methods, entries)
     rows = table_rows(entries)
-    if args.select_on == "validation" and not args.select_seeds:  # chosen on these seeds' validation accuracy
-        warnings = identical_to_finetune(entries, methods)
-        chosen, notes = choose_and_record(sweep, args, rows, own_seeds=True, warnings=warnings)
-        rows = [row for row in rows if row["reg_lambda"] is None or row["reg_lambda"] == chosen[row["method"]]]
-        entries = [e for e in entries if e["reg_lambda"] is None or e["reg_lambda"] == chosen[e["method"]]]
     warnings = identical_to_finetune(entries, methods)
     notes += warnings
     sweep.record["warnings"] = warnings

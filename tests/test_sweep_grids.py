@@ -295,6 +295,31 @@ def test_validation_selection_without_validation_accuracy_is_one_error_line(data
     assert not (out / "table.csv").exists()
 
 
+def test_validation_selection_refuses_runs_without_a_validation_split_before_any_run(
+    data, tmp_path, monkeypatch, capsys
+):
+    """Where main.py records --val_fraction, 0 (no split) is refused before the sweep folder is made."""
+    real = sweep_module.parse_config
+
+    class WithoutSplit:
+        def __init__(self, argv: list[str]) -> None:
+            self.config = real(argv)
+
+        def recorded(self) -> dict:
+            return {**self.config.recorded(), "val_fraction": 0.0}
+
+    monkeypatch.setattr(sweep_module, "parse_config", WithoutSplit)
+    out = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as exit_:
+        run_sweep(monkeypatch, validated, [*SELECT, "--select_on", "validation"], data, out)
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: --select_on validation: the runs of mas have no validation split; "
+        "give main.py --val_fraction F (F > 0) after --"
+    )
+    assert not out.exists()
+
+
 def _row(reg_lambda, accuracy, validation=None, runs=2):
     return {
         "method": "m",
