@@ -1,14 +1,17 @@
 """Sweeps: a grid of ``main.py`` runs (method x reg_lambda x seed), resumable, tabulated and plotted.
 
-    python3 sweep.py --methods mas ewc si finetune --reg_lambda 0.01 0.1 1 10 --seeds 0 1 2 -- --num_epochs 30
+    python3 sweep.py --methods "mas --reg_lambda 0.1 1 10" "ewc --reg_lambda 1e3 1e4 1e5" si finetune \\
+        --reg_lambda 0.01 0.1 1 10 --seeds 0 1 2 -- --num_epochs 30
 
 Every run is its own ``python3 main.py`` process (run from the repository root) with the flags after
 ``--``, then the method's own flags, ``--method``, ``--reg_lambda``, ``--seed`` and
 ``--models_dir <out>/runs/<run>``; its output goes to ``<out>/logs/<run>.log``; relative paths
-in the flags after ``--`` are relative to the repository root. ``finetune`` has no penalty, so it
-runs once per seed whatever the lambdas. At the end ``<out>`` holds ``table.csv``, ``table.md``,
-``plot.png`` (average accuracy against average forgetting) and ``sweep.json`` (the grid and every
-run's status and metrics; a sweep with another grid into the same folder adds to it).
+in the flags after ``--`` are relative to the repository root. A ``--methods`` entry may carry its
+own lambdas (``"ewc --reg_lambda 1e3 1e4"``); the others run the global ``--reg_lambda``.
+``finetune`` has no penalty, so it runs once per seed whatever the lambdas. At the end ``<out>``
+holds ``table.csv``, ``table.md``, ``plot.png`` (average accuracy against average forgetting over
+tasks 1..T-1) and ``sweep.json`` (the grid and every run's status and metrics; a sweep with another
+grid into the same folder adds to it).
 
 A run whose ``results.json`` is complete is skipped; one that diverged (``results.json`` holds
 ``"diverged"``: the training loss became NaN or infinite) is final and reported as such; an
@@ -17,11 +20,16 @@ unfinished one (an incomplete ``results.json`` or a ``checkpoint.pth``) continue
 sweep before anything runs, so runs are never mixed.
 
 With ``--select_seeds``, every (method, lambda) first runs on the selection seeds; per method the
-lambda with the best mean average accuracy is kept (ties: lower mean average forgetting, then
-the smaller lambda; a lambda that diverged on a selection seed is excluded) and only that one runs
-on ``--seeds``. Tables report, per (method, lambda), the mean and sample standard deviation over
-seeds of the metrics of ``results.json`` (average accuracy, average forgetting, backward
-transfer; see utils/results.py), over the runs that finished without diverging.
+lambda with the best mean average accuracy is kept (ties: lower mean forgetting over tasks 1..T-1,
+then the smaller lambda; a lambda that diverged on a selection seed is excluded) and only that one
+runs on ``--seeds``. The accuracy is the validation accuracy when every selection run of the method
+has one (``main.py --val_fraction``), else the selection seeds' test accuracy; ``--select_on``
+forces either, and ``--select_on validation`` without ``--select_seeds`` chooses on the reported
+seeds' validation accuracy. The rule used is written under the tables. Tables report, per
+(method, lambda), the mean and sample standard deviation over seeds of the metrics of
+``results.json`` (average accuracy, forgetting over tasks 1..T-1, backward transfer, and forgetting
+over all T tasks; see utils/results.py), over the runs that finished without diverging, and warn
+about a regulariser whose accuracy matrices are those of finetune on the same seeds.
 """
 
 from __future__ import annotations
@@ -52,22 +60,33 @@ from utils import UserError
 from utils.checkpoint import CHECKPOINT, argument_differences
 from utils.folder_lock import LOCK_FILE, FolderLock, locked_by
 from utils.io_utils import load_json, save_json, save_text
-from utils.results import format_pp, load_results
+from utils.results import format_pp, load_results, summarize
 
 ROOT = Path(__file__).resolve().parent  # the folder that holds main.py: the runs' working directory
 MAIN = ROOT / "main.py"
-METRICS = ("average_accuracy", "average_forgetting", "backward_transfer")
-METRIC_TITLES = ("average accuracy (%)", "average forgetting (pp)", "backward transfer (pp)")
+# The table's columns. Forgetting is the mean over tasks 1..T-1, the figure papers report (the last task is
+# never forgotten: the mean over all T tasks is (T-1)/T of it); the all-task mean is an extra, labelled column.
+METRICS = ("average_accuracy", "average_forgetting_previous", "backward_transfer", "average_forgetting")
+METRIC_TITLES = (
+    "average accuracy (%)",
+    "average forgetting (pp), tasks 1..T-1",
+    "backward transfer (pp)",
+    "forgetting incl. last task (pp)",
+)
+# From main.py --val_fraction runs only: what a selection on validation reads.
+VALIDATION = ("validation_average_accuracy", "validation_average_forgetting_previous")
+VALIDATION_TITLE = "validation accuracy (%)"
 RECORD = "sweep.json"
 SET_BY_THE_SWEEP = {
     "models_dir": "every run gets its own folder <out>/runs/<run>",
     "resume": "the sweep resumes unfinished runs by itself",
     "overwrite": "the sweep decides when a run folder starts afresh; delete <out>/runs/<run> to redo a run",
     "method": "give methods with --methods",
-    "reg_lambda": "give values with --reg_lambda",
+    "reg_lambda": 'give values with --reg_lambda, or per method as in --methods "ewc --reg_lambda 100 1000"',
     "seed": "give seeds with --seeds (and --select_seeds)",
 }
 FINAL = ("complete", "diverged")
+SELECT_ON = ("auto", "validation", "test")
 # The sweep's own outputs: it overwrites one only while its content is what the sweep wrote there
 # (its sha256 is recorded in sweep.json, whose format tag is checked).
 OUTPUTS = ("table.csv", "table.md", "plot.png", "selection_table.csv", "selection_table.md")
@@ -79,15 +98,23 @@ class FlagError(UserError):
 
 @dataclass(frozen=True)
 class Method:
-    """One --methods entry: a method name and extra main.py flags; ``label`` is the entry as given."""
+    """One --methods entry: a method name, extra main.py flags and its own lambda grid (None: the global
+    --reg_lambda); ``label`` is the entry as given, less its --reg_lambda values."""
 
     label: str
     name: str
     flags: tuple[str, ...]
+    lambdas: tuple[float, ...] | None = None
 
     @property
     def uses_lambda(self) -> bool:
         return method_class(self.name).penalised  # no penalty (finetune): reg_lambda changes nothing
+
+    def lambda_grid(self, default: list[float]) -> list[float | None]:
+        """The lambdas this method runs with: its own, else ``default``; [None] without a penalty."""
+        if not self.uses_lambda:
+            return [None]
+        return list(self.lambdas if self.lambdas is not None else default)
 
 
 @dataclass(frozen=True)
@@ -116,10 +143,11 @@ class Run:
 
 
 def grid(methods: list[Method], lambdas: list[float], seeds: list[int]) -> list[Run]:
+    """Every (method, lambda, seed): each method's own lambdas, else ``lambdas``."""
     return [
         Run(method, reg_lambda, seed)
         for method in methods
-        for reg_lambda in (lambdas if method.uses_lambda else [None])
+        for reg_lambda in method.lambda_grid(lambdas)
         for seed in seeds
     ]
 
@@ -144,14 +172,54 @@ def check_main_flags(words: list[str], where: str) -> None:
 
 
 def parse_method(entry: str) -> Method:
+    """A --methods entry: the method, its main.py flags, and its own ``--reg_lambda v1 v2 ...`` grid if any."""
+    where = f"--methods {entry!r}"
     try:
         words = shlex.split(entry)
     except ValueError as err:
-        raise FlagError(f"--methods {entry!r}: {err}") from None
+        raise FlagError(f"{where}: {err}") from None
     if not words or words[0] not in method_names():
-        raise FlagError(f"--methods {entry!r}: the first word must be a method, one of {', '.join(method_names())}")
-    check_main_flags(words[1:], f"--methods {entry!r}")
-    return Method(entry.strip(), words[0], tuple(words[1:]))
+        raise FlagError(f"{where}: the first word must be a method, one of {', '.join(method_names())}")
+    flags, lambdas = split_lambdas(words[1:], where)
+    check_main_flags(flags, where)
+    if lambdas is None:
+        return Method(entry.strip(), words[0], tuple(flags))  # the label (and run folders) of before
+    if not method_class(words[0]).penalised:
+        raise FlagError(f"{where}: {words[0]} has no penalty, so --reg_lambda changes nothing for it; remove it")
+    return Method(shlex.join(words[0:1] + flags), words[0], tuple(flags), lambdas)
+
+
+def split_lambdas(words: list[str], where: str) -> tuple[list[str], tuple[float, ...] | None]:
+    """``words`` less an entry's ``--reg_lambda v1 v2 ...`` (values up to the next --flag), and those values.
+    Abbreviations of --reg_lambda stay in the flags, where check_main_flags refuses them."""
+    flags: list[str] = []
+    lambdas: tuple[float, ...] | None = None
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word != "--reg_lambda" and not word.startswith("--reg_lambda="):
+            flags.append(word)
+            i += 1
+            continue
+        if lambdas is not None:
+            raise FlagError(f"{where}: --reg_lambda is given twice")
+        end = i + 1
+        while end < len(words) and not words[end].startswith("--"):
+            end += 1
+        values = [word.partition("=")[2]] if "=" in word else words[i + 1 : end]
+        i = i + 1 if "=" in word else end
+        if not values:
+            raise FlagError(f"{where}: --reg_lambda needs at least one value")
+        lambdas = tuple(_entry_lambda(value, where) for value in values)
+        _no_repeats(list(lambdas), f"{where}: --reg_lambda")
+    return flags, lambdas
+
+
+def _entry_lambda(text: str, where: str) -> float:
+    try:
+        return _lambda(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise FlagError(f"{where}: --reg_lambda {text}: must be a finite number >= 0") from None
 
 
 def _lambda(text: str) -> float:
@@ -179,10 +247,17 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=["mas"],
-        help='method names, each optionally with its own main.py flags in one quoted word, e.g. "mas '
-        '--omega_estimator per_sample"; the word is the row label (default: %(default)s)',
+        help="method names, each optionally with its own main.py flags and its own lambdas in one quoted "
+        'word, e.g. "mas --omega_estimator per_sample" or "ewc --reg_lambda 1e3 1e4"; the word less its '
+        "--reg_lambda values is the row label (default: %(default)s)",
     )
-    p.add_argument("--reg_lambda", nargs="+", type=_lambda, default=[0.01], help="lambdas (default: %(default)s)")
+    p.add_argument(
+        "--reg_lambda",
+        nargs="+",
+        type=_lambda,
+        default=[0.01],
+        help="the lambdas of the methods that give none of their own (default: %(default)s)",
+    )
     p.add_argument(
         "--seeds", nargs="+", type=int, default=[0], help="seeds of the reported runs (default: %(default)s)"
     )
@@ -193,6 +268,15 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         default=None,
         help="choose each method's lambda on these seeds first, then run only that lambda on --seeds "
         "(default: %(default)s, i.e. report every lambda)",
+    )
+    p.add_argument(
+        "--select_on",
+        choices=SELECT_ON,
+        default="auto",
+        help="what chooses the lambda: validation (the runs' validation accuracy, main.py --val_fraction; "
+        "without --select_seeds it chooses on the --seeds runs, whose test accuracy it never reads), test "
+        "(the selection seeds' test accuracy; needs --select_seeds) or auto (validation when every "
+        "selection run has it, else test) (default: %(default)s)",
     )
     p.add_argument(
         "--jobs",
@@ -230,6 +314,11 @@ def parse_sweep_args(argv: list[str]) -> tuple[argparse.Namespace, list[Method],
     _no_repeats(args.reg_lambda, "--reg_lambda")
     _no_repeats(args.seeds, "--seeds")
     _no_repeats(args.select_seeds or [], "--select_seeds")
+    if args.select_on == "test" and not args.select_seeds:
+        raise FlagError(
+            "--select_on test needs --select_seeds: choosing lambda on the test accuracy of the reported "
+            "seeds would report a figure tuned on its own test set"
+        )
     if args.out is None:
         args.out = str(Path("sweeps") / hashlib.sha1(shlex.join(tail).encode()).hexdigest()[:10])
     return args, methods, tail
@@ -334,8 +423,28 @@ class Sweep:
         save_json(self.record, self.out / RECORD)
 
 
-def _metrics(results: dict[str, Any]) -> dict[str, float]:
-    return {key: results[key] for key in (*METRICS, "average_forgetting_max")}
+def _metrics(results: dict[str, Any]) -> dict[str, float | None]:
+    """The run's metrics (from its accuracy matrix where results.json lacks one) and validation metrics."""
+    computed = summarize(results["accuracy_matrix"])
+    metrics = {key: results.get(key, computed[key]) for key in (*METRICS, "average_forgetting_max")}
+    return {**metrics, **validation_metrics(results)}
+
+
+def validation_metrics(results: dict[str, Any]) -> dict[str, float | None]:
+    """Validation accuracy (results.json's, else the mean of the validation matrix's last row) and
+    validation forgetting over tasks 1..T-1; None where the run has no (fully scored) validation matrix."""
+    matrix = results.get("validation_accuracy_matrix") or []
+    last = matrix[-1] if matrix else []
+    scored = bool(last) and all(a is not None for a in last)
+    accuracy = results.get("validation_average_accuracy")
+    if accuracy is None and scored:
+        accuracy = sum(last) / len(last)
+    diagonal = [row[j] if j < len(row) else None for j, row in enumerate(matrix)]
+    earlier = [(diagonal[j], last[j]) for j in range(len(matrix) - 1)]
+    forgetting = None
+    if scored and all(d is not None for d, _ in earlier):
+        forgetting = sum(d - a for d, a in earlier) / len(earlier) if earlier else 0.0
+    return {"validation_average_accuracy": accuracy, "validation_average_forgetting_previous": forgetting}
 
 
 def run_entry(run: Run, status: str, action: str, results: dict | None, **extra: Any) -> dict[str, Any]:
@@ -347,6 +456,7 @@ def run_entry(run: Run, status: str, action: str, results: dict | None, **extra:
         "status": status,
         "action": action,
         "metrics": _metrics(results) if status == "complete" else None,
+        "accuracy_matrix": results["accuracy_matrix"] if status == "complete" else None,
         "diverged": results.get("diverged") if results else None,
         "models_dir": f"runs/{run.slug}",
         "log": f"logs/{run.slug}.log",
@@ -371,7 +481,8 @@ def finished_entry(sweep: Sweep, run: Run, action: str, returncode: int | None, 
 def _summary(entry: dict[str, Any]) -> str:
     if entry["status"] == "complete":
         m = entry["metrics"]
-        text = f"complete: accuracy {m['average_accuracy']:.2f} %, forgetting {m['average_forgetting']:.2f} pp"
+        forgetting = m["average_forgetting_previous"]
+        text = f"complete: accuracy {m['average_accuracy']:.2f} %, forgetting (tasks 1..T-1) {forgetting:.2f} pp"
     elif entry["status"] == "diverged":
         text = f"diverged in task {entry['diverged']['task']}"
     else:
@@ -468,27 +579,90 @@ def table_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         diverged = sum(e["status"] == "diverged" for e in group)
         row = {"method": label, "reg_lambda": reg_lambda, "runs": len(group), "complete": len(complete)}
         row.update(diverged=diverged, failed=len(group) - len(complete) - diverged)
-        for key in METRICS:
-            values = [e["metrics"][key] for e in complete]
-            row[f"{key}_mean"] = statistics.mean(values) if values else None
-            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        for key in (*METRICS, *VALIDATION):
+            values = [e["metrics"].get(key) for e in complete]
+            known = bool(values) and None not in values  # validation: only when every run has it
+            row[f"{key}_mean"] = statistics.mean(values) if known else None
+            row[f"{key}_std"] = statistics.stdev(values) if known and len(values) > 1 else None
         rows.append(row)
     return rows
 
 
-def choose_lambdas(rows: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Per method: the best mean average accuracy, then the lower mean average forgetting, then the
-    smaller lambda, among the lambdas whose selection runs all finished without diverging."""
+def candidates_by_method(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per method label, its lambdas whose selection runs all finished without diverging."""
+    labels = dict.fromkeys(row["method"] for row in rows)
+    return {label: [r for r in rows if r["method"] == label and r["complete"] == r["runs"]] for label in labels}
+
+
+def selection_basis(candidates: list[dict[str, Any]], select_on: str = "auto") -> str:
+    """ "validation" or "test": auto means validation when every candidate's runs all recorded one."""
+    if select_on != "auto":
+        return select_on
+    has_validation = all(r.get("validation_average_accuracy_mean") is not None for r in candidates)
+    return "validation" if candidates and has_validation else "test"
+
+
+def choose_lambdas(rows: list[dict[str, Any]], select_on: str = "auto") -> dict[str, float | None]:
+    """Per method: the best mean average accuracy (validation or test, see selection_basis), then the lower
+    mean forgetting over tasks 1..T-1 (same basis), then the smaller lambda, among the lambdas whose
+    selection runs all finished without diverging. A basis's metric a candidate lacks ranks it last."""
     chosen: dict[str, float | None] = {}
-    for label in dict.fromkeys(row["method"] for row in rows):
-        candidates = [r for r in rows if r["method"] == label and r["complete"] == r["runs"]]
-        best = min(
-            candidates,
-            key=lambda r: (-r["average_accuracy_mean"], r["average_forgetting_mean"], r["reg_lambda"]),
-            default=None,
-        )
+    for label, candidates in candidates_by_method(rows).items():
+        prefix = "validation_" if selection_basis(candidates, select_on) == "validation" else ""
+
+        def rank(row: dict[str, Any], prefix: str = prefix) -> tuple[float, float, float]:
+            accuracy, forgetting = (
+                row.get(f"{prefix}{key}_mean") for key in ("average_accuracy", "average_forgetting_previous")
+            )
+            worst = float("inf")
+            return (
+                worst if accuracy is None else -accuracy,
+                worst if forgetting is None else forgetting,
+                row["reg_lambda"],
+            )
+
+        best = min(candidates, key=rank, default=None)
         chosen[label] = None if best is None else best["reg_lambda"]
     return chosen
+
+
+def selection_rule(rows: list[dict[str, Any]], select_on: str, seeds: list[int], own_seeds: bool) -> list[str]:
+    """The line(s) under the tables that say how each method's lambda was chosen."""
+    by_basis: dict[str, list[str]] = {}
+    for label, candidates in candidates_by_method(rows).items():
+        by_basis.setdefault(selection_basis(candidates, select_on), []).append(label)
+    seed_text = " ".join(map(str, seeds))
+    if own_seeds:
+        seed_text += " (the reported seeds; their test accuracy is not read by the choice)"
+    lines = []
+    for basis, labels in by_basis.items():
+        who = "lambda chosen per method" if len(by_basis) == 1 else f"{', '.join(labels)}: lambda chosen"
+        lines.append(
+            f"{who} by mean {basis} accuracy over seeds {seed_text} "
+            f"(ties: lower {basis} forgetting over tasks 1..T-1, then the smaller lambda)"
+        )
+    return lines
+
+
+def identical_to_finetune(entries: list[dict[str, Any]], methods: list[Method]) -> list[str]:
+    """A warning per (regulariser, lambda) whose finished runs all have the accuracy matrix of an
+    unpenalised method's (finetune's) run on the same seed: at that lambda the penalty changes nothing."""
+    penalised = {m.label: m.uses_lambda for m in methods}
+    matrices: dict[tuple[str, float | None], dict[int, list]] = {}
+    for entry in entries:
+        if entry["status"] == "complete" and entry["method"] in penalised:
+            matrices.setdefault((entry["method"], entry["reg_lambda"]), {})[entry["seed"]] = entry["accuracy_matrix"]
+    baselines = [(label, runs) for (label, _), runs in matrices.items() if not penalised[label]]
+    warnings = []
+    for (label, reg_lambda), runs in matrices.items():
+        for baseline, baseline_runs in baselines if penalised[label] else []:
+            if all(baseline_runs.get(seed) == matrix for seed, matrix in runs.items()):
+                warnings.append(
+                    f"warning: {label}, lambda={reg_lambda:g}: identical to {baseline} on seeds "
+                    f"{' '.join(map(str, runs))}: its lambda does nothing here; try larger values"
+                )
+                break
+    return warnings
 
 
 def _lambda_text(reg_lambda: float | None, exact: bool = False) -> str:
@@ -515,29 +689,37 @@ def _mean_std(row: dict[str, Any], key: str) -> str:
 
 
 def table_md(rows: list[dict[str, Any]], notes: list[str]) -> str:
+    """The table in Markdown, the notes (selection rule, warnings) under it; a validation accuracy column
+    when some row has one."""
+    metrics = list(METRICS) + (
+        ["validation_average_accuracy"]
+        if any(r.get("validation_average_accuracy_mean") is not None for r in rows)
+        else []
+    )
+    titles = list(METRIC_TITLES) + ([VALIDATION_TITLE] if len(metrics) > len(METRICS) else [])
     extra = ["chosen"] if rows and "chosen" in rows[0] else []
-    header = ["method", "reg_lambda", "runs", "complete", "diverged", "failed", *METRIC_TITLES, *extra]
-    align = ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", *["---"] * len(extra)]
+    header = ["method", "reg_lambda", "runs", "complete", "diverged", "failed", *titles, *extra]
+    align = ["---", *["---:"] * (5 + len(titles)), *["---"] * len(extra)]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     for row in rows:
         cells = [row["method"].replace("|", "\\|"), _lambda_text(row["reg_lambda"])]
         cells += [str(row[k]) for k in ("runs", "complete", "diverged", "failed")]
-        cells += [_mean_std(row, key) for key in METRICS] + (["yes" if row["chosen"] else ""] if extra else [])
+        cells += [_mean_std(row, key) for key in metrics] + (["yes" if row["chosen"] else ""] if extra else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join([*lines, *(f"\n{note}" for note in notes)]) + "\n"
 
 
 def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Average accuracy against average forgetting, one labelled point per row, error bars = std."""
+    """Average accuracy against average forgetting over tasks 1..T-1, one labelled point per row, error bars = std."""
     from utils.plot import plt, save_figure  # matplotlib (Agg) only here
 
     fig, ax = plt.subplots(figsize=(9.6, 6))
     markers = "osD^v<>ph*"
     shown = [r for r in rows if r["average_accuracy_mean"] is not None]
     for k, row in enumerate(shown):
-        x, y = row["average_forgetting_mean"], row["average_accuracy_mean"]
+        x, y = row["average_forgetting_previous_mean"], row["average_accuracy_mean"]
         label = row["method"] if row["reg_lambda"] is None else f"{row['method']}, lambda={row['reg_lambda']:g}"
-        xerr, yerr = row["average_forgetting_std"] or 0, row["average_accuracy_std"] or 0
+        xerr, yerr = row["average_forgetting_previous_std"] or 0, row["average_accuracy_std"] or 0
         # Hollow markers, each later one smaller: runs that land on one point show as nested rings, none hidden.
         size = 6 + 2.5 * (len(shown) - 1 - k)
         ax.errorbar(
@@ -552,7 +734,7 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
             capsize=3,
             label=label,
         )
-    ax.set_xlabel("average forgetting (pp)")
+    ax.set_xlabel("average forgetting (pp), tasks 1..T-1")
     ax.set_ylabel("average accuracy (%)")
     ax.set_title("mean ± std over seeds")
     ax.grid(alpha=0.3)
@@ -660,8 +842,10 @@ def open_sweep(args: argparse.Namespace, methods: list[Method], tail: list[str],
     record["grid"] = {
         "methods": [m.label for m in methods],
         "reg_lambda": args.reg_lambda,
+        "method_reg_lambda": {m.label: list(m.lambdas) for m in methods if m.lambdas is not None},
         "seeds": args.seeds,
         "select_seeds": args.select_seeds,
+        "select_on": args.select_on,
         "main_flags": tail,
     }
     record["invocations"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": argv, "jobs": args.jobs})
@@ -669,24 +853,67 @@ def open_sweep(args: argparse.Namespace, methods: list[Method], tail: list[str],
 
 
 def select(sweep: Sweep, args: argparse.Namespace, methods: list[Method]) -> tuple[list[Run], list[str]]:
-    """The selection phase; the runs of the report, and notes on the methods left without a lambda."""
+    """The selection phase on --select_seeds; the runs of the report, and the notes for under its table."""
     tuned = [m for m in methods if m.uses_lambda]
-    rows = table_rows(run_phase(sweep, "selection", grid(tuned, args.reg_lambda, args.select_seeds)))
-    chosen = choose_lambdas(rows)
+    entries = run_phase(sweep, "selection", grid(tuned, args.reg_lambda, args.select_seeds))
+    chosen, notes = choose_and_record(sweep, args, table_rows(entries), own_seeds=False)
+    runs = [
+        Run(method, chosen.get(method.label), seed)
+        for method in methods
+        if not method.uses_lambda or chosen[method.label] is not None
+        for seed in args.seeds
+    ]
+    return runs, notes
+
+
+def choose_and_record(
+    sweep: Sweep, args: argparse.Namespace, rows: list[dict[str, Any]], own_seeds: bool, warnings: list[str] = ()
+) -> tuple[dict[str, float | None], list[str]]:
+    """Each penalised method's lambda from ``rows``, written to sweep.json and selection_table.* (with
+    ``warnings`` under it); the choice and the notes (the rule used, methods left without a lambda) for
+    under the report's table."""
+    rows = [dict(row) for row in rows if row["reg_lambda"] is not None]  # finetune has nothing to choose
+    if args.select_on == "validation":
+        check_validation(rows)
+    chosen = choose_lambdas(rows, args.select_on)
     for row in rows:
         row["chosen"] = row["reg_lambda"] == chosen[row["method"]]
-    sweep.record["selection"] = {"seeds": args.select_seeds, "chosen": chosen, "table": rows}
-    notes = [
+    seeds = args.seeds if own_seeds else args.select_seeds
+    rule = selection_rule(rows, args.select_on, seeds, own_seeds)
+    notes = rule + [
         f"{label}: no lambda chosen: every lambda diverged or failed on the selection seeds"
         for label, reg_lambda in chosen.items()
         if reg_lambda is None
     ]
-    write_table(sweep, "selection_table", rows, notes)
-    runs = []
-    for method in methods:
-        if not method.uses_lambda or chosen[method.label] is not None:
-            runs += grid([method], [chosen.get(method.label)], args.seeds)
-    return runs, notes
+    sweep.record["selection"] = {"seeds": seeds, "select_on": args.select_on, "chosen": chosen, "rule": rule}
+    sweep.record["selection"]["table"] = rows
+    write_table(sweep, "selection_table", rows, [*notes, *warnings])
+    return chosen, notes
+
+
+def select_on_own_seeds(
+    sweep: Sweep, args: argparse.Namespace, methods: list[Method], entries: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """--select_on validation without --select_seeds: each method's lambda chosen on the validation
+    accuracy of the reported runs; the entries of the chosen lambdas (and finetune), and the notes."""
+    warnings = identical_to_finetune(entries, methods)
+    chosen, notes = choose_and_record(sweep, args, table_rows(entries), own_seeds=True, warnings=warnings)
+    kept = [e for e in entries if e["reg_lambda"] is None or e["reg_lambda"] == chosen[e["method"]]]
+    return kept, notes
+
+
+def check_validation(rows: list[dict[str, Any]]) -> None:
+    """--select_on validation: every finished selection run must have recorded a validation accuracy."""
+    lacking = [
+        f"{r['method']} lambda={r['reg_lambda']:g}"
+        for r in rows
+        if r["complete"] and r["validation_average_accuracy_mean"] is None
+    ]
+    if lacking:
+        raise UserError(
+            f"--select_on validation: runs of {', '.join(lacking)} have no validation accuracy; give main.py "
+            "--val_fraction F (F > 0) after -- (and another --out), or select with --select_on test"
+        )
 
 
 def _thread_advice(jobs: int) -> None:
@@ -700,10 +927,17 @@ def _thread_advice(jobs: int) -> None:
 
 
 def check_data(args: argparse.Namespace, methods: list[Method], tail: list[str]) -> None:
-    """main.py's own checks of the flags against the data (missing data, bad manifest), before any folder is made."""
+    """main.py's own checks of the flags against the data (missing data, bad manifest), before any folder
+    is made; and that --select_on validation runs get a validation split (where main.py has the flag)."""
     with _at_root():
         for method in methods:
-            parse_config(Run(method, args.reg_lambda[0], args.seeds[0]).main_argv(tail, Path(args.out)))
+            run = Run(method, method.lambda_grid(args.reg_lambda)[0], args.seeds[0])
+            recorded = parse_config(run.main_argv(tail, Path(args.out))).recorded()
+            if args.select_on == "validation" and method.uses_lambda and not recorded.get("val_fraction", 1):
+                raise UserError(
+                    f"--select_on validation: the runs of {method.label} have no validation split; "
+                    "give main.py --val_fraction F (F > 0) after --"
+                )
 
 
 def sweep_main(argv: list[str]) -> list[dict[str, Any]]:
@@ -724,7 +958,13 @@ def run_sweep(args: argparse.Namespace, methods: list[Method], tail: list[str], 
         runs, notes = select(sweep, args, methods)
     else:
         runs = grid(methods, args.reg_lambda, args.seeds)
-    rows = table_rows(run_phase(sweep, "report", runs))
+    entries = run_phase(sweep, "report", runs)
+    if args.select_on == "validation" and not args.select_seeds:
+        entries, notes = select_on_own_seeds(sweep, args, methods, entries)
+    rows = table_rows(entries)
+    warnings = identical_to_finetune(entries, methods)
+    notes += warnings
+    sweep.record["warnings"] = warnings
     sweep.record["table"] = rows
     sweep.save()
     written = write_table(sweep, "table", rows, notes) + [sweep.out / "plot.png"]

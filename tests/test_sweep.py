@@ -79,7 +79,7 @@ def test_table_is_the_mean_and_std_of_the_runs(s1):
         row = table[(method, reg_lambda)]
         assert (row["runs"], row["complete"], row["diverged"], row["failed"]) == ("2", "2", "0", "0")
         cells = []
-        for key in ("average_accuracy", "average_forgetting", "backward_transfer"):
+        for key in ("average_accuracy", "average_forgetting_previous", "backward_transfer", "average_forgetting"):
             values = np.array([r[key] for r in runs])
             assert float(row[f"{key}_mean"]) == pytest.approx(values.mean(), rel=1e-12, abs=1e-12)
             assert float(row[f"{key}_std"]) == pytest.approx(values.std(ddof=1), rel=1e-12, abs=1e-12)
@@ -190,7 +190,7 @@ def test_selection_picks_the_lambda_the_runs_say_and_a_failed_run_exits_1(s1, da
     # The expected choice, from the runs' own results: best accuracy, then lower forgetting, then smaller lambda.
     candidates = [(lam, results(out, f"mas_lam{lam!r}_seed1")) for lam in (0.0, STABLE)]
     assert "diverged" in results(out, "mas_lam1e+30_seed1")
-    best = min(candidates, key=lambda c: (-c[1]["average_accuracy"], c[1]["average_forgetting"], c[0]))[0]
+    best = min(candidates, key=lambda c: (-c[1]["average_accuracy"], c[1]["average_forgetting_previous"], c[0]))[0]
     selection = csv_rows(out / "selection_table.csv")
     assert [k for k, row in selection.items() if row["chosen"] == "True"] == [("mas", repr(best))]
     assert selection[("mas", "1e+30")]["diverged"] == "1"
@@ -202,6 +202,8 @@ def test_selection_picks_the_lambda_the_runs_say_and_a_failed_run_exits_1(s1, da
     assert report[(failing, "-")]["failed"] == "1"
     record = json.loads((out / "sweep.json").read_text())
     assert record["selection"]["chosen"] == {"mas": best}
+    rule = "lambda chosen per method by mean test accuracy over seeds 1 (ties: lower test forgetting over tasks 1..T-1"
+    assert record["selection"]["rule"][0].startswith(rule) and rule in (out / "table.md").read_text()
     assert "finetune_seed1" in record["runs"]  # a sweep with another grid keeps the earlier runs
     assert (out / "runs" / "finetune_seed1" / "results.json").exists()
 
@@ -213,7 +215,7 @@ def _row(reg_lambda, accuracy, forgetting, complete=2):
         "runs": 2,
         "complete": complete,
         "average_accuracy_mean": accuracy,
-        "average_forgetting_mean": forgetting,
+        "average_forgetting_previous_mean": forgetting,
     }
 
 
@@ -233,7 +235,16 @@ def test_choose_lambdas_orders_by_accuracy_then_forgetting_then_lambda():
         (["--", "--overwrite"], "--overwrite"),
         (["--", "--models", "x"], "--models_dir"),  # an abbreviation main.py would accept
         (["--", "--seed", "3"], "--seed"),
-        (["--methods", "mas --reg_lambda 2"], "--reg_lambda"),
+        (["--methods", "mas --reg_l 2"], "--reg_lambda"),  # an abbreviation: the grid takes --reg_lambda only
+        (["--methods", "finetune --reg_lambda 2"], "finetune has no penalty"),
+        (["--methods", "mas --reg_lambda"], "--reg_lambda needs at least one value"),
+        (["--methods", "mas --reg_lambda 1 x"], "--reg_lambda x: must be a finite number >= 0"),
+        (["--methods", "mas --reg_lambda 1 -1"], "--reg_lambda -1: must be a finite number >= 0"),
+        (["--methods", "mas --reg_lambda 1 1"], "lists 1.0 twice"),
+        (["--methods", "mas --reg_lambda 1 --lr 0.1 --reg_lambda 2"], "--reg_lambda is given twice"),
+        (["--methods", "mas --reg_lambda 1", "mas --reg_lambda 2"], "--methods lists mas twice"),
+        (["--select_on", "test"], "--select_on test needs --select_seeds"),
+        (["--select_on", "bogus"], "--select_on"),
         (["--", "--num_epochs", "0"], "--num_epochs"),
         (["--", "--bogus"], "--bogus"),
         (["--methods", "bogus"], "bogus"),
