@@ -101,5 +101,8 @@ def test_a_refused_head_on_resume_ends_the_process(data, tmp_path):
     torch.save({"weight": torch.zeros(3, 256), "bias": torch.zeros(3)}, head)
     before = {p: p.read_bytes() for p in sorted(models.rglob("*")) if p.is_file()}
     line = _failed_run(data, models, "--cache", "off", "--resume")
-    assert line.startswith(f"error: {head} ")
+    assert line == (
+        f"error: {head} holds a head of 3 outputs over 256 features, but Task_1 has 2 classes "
+        "and the trunk gives 256 features"
+    )
     assert {p: p.read_bytes() for p in sorted(models.rglob("*")) if p.is_file()} == before
