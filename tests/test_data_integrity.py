@@ -28,6 +28,7 @@ LINKS = {  # what is linked -> (the link, its target)
     "a file that is not an image": ("Task_2/train/c2_1/notes.txt", "0.png"),
     "a class folder": ("Task_2/test/c2_0", "../train/c2_0"),
     "a split folder": ("Task_1/test", "train"),
+    "a task folder": ("Task_2", "Task_1"),
 }
 
 

@@ -81,7 +81,7 @@ def data_fingerprint(manifest: dict[str, Any]) -> str:
 
 
 def task_dirs(data_dir: str | Path, manifest: dict[str, Any]) -> list[Path]:
-    """Task folders in numeric order; they must be exactly the manifest's tasks."""
+    """Task folders in numeric order; they must be exactly the manifest's tasks, and not links."""
     data_dir = Path(data_dir)
     found = {int(m.group(1)): p for p in data_dir.iterdir() if (m := _TASK_DIR.match(p.name)) and p.is_dir()}
     names = [task["name"] for task in manifest["tasks"]]
@@ -94,6 +94,8 @@ def task_dirs(data_dir: str | Path, manifest: dict[str, Any]) -> list[Path]:
     extra = sorted(i for i in found if i > len(names))
     if extra:
         raise UserError(f"{data_dir} holds Task_{extra[0]}, which its manifest does not list")
+    for i in range(1, len(names) + 1):
+        not_a_link(str(found[i]))  # the data folder itself may be a link, its task folders not
     return [found[i] for i in range(1, len(names) + 1)]
 
 
