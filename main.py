@@ -24,6 +24,7 @@ from methods import method_class
 from utils import Diverged, UserError, distributed, interrupt
 from utils.checkpoint import CHECKPOINT, argument_differences, load_checkpoint, remove_checkpoint
 from utils.data_cache import RunCache
+from utils.data_files import check_data_files, record_data_files
 from utils.data_utils import make_task_data, task_dirs
 from utils.folder_lock import FolderLock
 from utils.model_utils import pretrained_alexnet_state
@@ -74,6 +75,7 @@ def _resume_run(config: RunConfig, models_dir: Path) -> tuple[RunState, dict | N
     differences = argument_differences(stored, config.recorded())
     if differences:
         raise UserError(f"--resume with arguments that differ from the run in {models_dir}: " + "; ".join(differences))
+    distributed.on_writer(lambda: check_data_files(config.data_dir, config.manifest, models_dir))
     distributed.on_writer(lambda: remove_stale_temporaries(models_dir))
     state = RunState(config, results if results is not None else _new_results(config))
     state.load_finished(models_dir)
@@ -112,6 +114,7 @@ def open_run(config: RunConfig, lock: FolderLock) -> tuple[RunState, dict | None
     distributed.on_writer(lambda: _prepare_models_dir(config, lock))  # an error reaches every rank
     if config.resume:
         return _resume_run(config, Path(config.models_dir))
+    distributed.on_writer(lambda: record_data_files(config.data_dir, config.manifest, config.models_dir))
     return RunState(config, _new_results(config)), None
 
 

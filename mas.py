@@ -99,7 +99,10 @@ class RunState:
         if not self.finished:
             return
         self.shared = load_shared_state(self.new_trunk(), models_dir)
-        self.heads = {t: load_head(models_dir, t, self.shared.out_features) for t in range(1, self.finished + 1)}
+        classes = [len(task["classes"]) for task in self.config.manifest["tasks"]]
+        self.heads = {
+            t: load_head(models_dir, t, self.shared.out_features, classes[t - 1]) for t in range(1, self.finished + 1)
+        }
         self.reg_params = load_reg_params(models_dir, self.shared)
 
     def finish_task(self, task_no: int, task: TaskData, model: TaskModel, reg_params: RegParams, accuracy: float):

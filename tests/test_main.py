@@ -52,6 +52,7 @@ def test_end_to_end_writes_the_output_tree_and_a_table_that_matches_the_files(ti
     results = main(["--data_dir", str(tiny_data), "--models_dir", str(models), *FAST])
     out = capsys.readouterr().out
     assert _files(models) == {
+        "data_files.json",
         "reg_params.pickle",
         "shared_model.pth",
         "results.json",

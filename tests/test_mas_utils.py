@@ -100,7 +100,7 @@ def test_saved_reg_params_hold_the_consolidated_importance(tiny_data, tmp_path):
     after_2 = load_tensor_pickle(tmp_path / "m" / "reg_params.pickle")
     # Omega of task 2 measured independently with the stored model and head.
     shared = _load_shared_model(tmp_path / "m")
-    model = TaskModel(shared, load_head(tmp_path / "m", 2, shared.out_features))
+    model = TaskModel(shared, load_head(tmp_path / "m", 2, shared.out_features, 2))
     omega_2 = mas_batch_importance(model, tasks[1].importance, torch.device("cpu"))
     for name, entry in after_2.items():
         assert torch.equal(entry["prev_omega"], after_1[name]["omega"])

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from utils import UserError, distributed
 from utils.data_cache import RunCache, SplitStore
-from utils.image_decode import IMAGE_EXTENSIONS, ImageFiles, as_tensor, pil_resize, read_image
+from utils.image_decode import IMAGE_EXTENSIONS, ImageFiles, as_tensor, not_a_link, pil_resize, read_image
 from utils.interrupt import InterruptibleLoader
 from utils.io_utils import load_json
 from utils.manifest import MANIFEST, check_manifest
@@ -79,7 +80,7 @@ def data_fingerprint(manifest: dict[str, Any]) -> str:
 
 
 def task_dirs(data_dir: str | Path, manifest: dict[str, Any]) -> list[Path]:
-    """Task folders in numeric order; they must be exactly the manifest's tasks."""
+    """Task folders in numeric order; they must be exactly the manifest's tasks, and not links."""
     data_dir = Path(data_dir)
     found = {int(m.group(1)): p for p in data_dir.iterdir() if (m := _TASK_DIR.match(p.name)) and p.is_dir()}
     names = [task["name"] for task in manifest["tasks"]]
@@ -92,19 +93,42 @@ def task_dirs(data_dir: str | Path, manifest: dict[str, Any]) -> list[Path]:
     extra = sorted(i for i in found if i > len(names))
     if extra:
         raise UserError(f"{data_dir} holds Task_{extra[0]}, which its manifest does not list")
+    for i in range(1, len(names) + 1):
+        not_a_link(str(found[i]))  # the data folder itself may be a link, its task folders not
     return [found[i] for i in range(1, len(names) + 1)]
 
 
 def _class_folders(split_dir: Path, task: str) -> list[str]:
     if not split_dir.is_dir():
         raise UserError(f"{task}: folder {split_dir} is missing")
+    not_a_link(str(split_dir))
+    for entry in split_dir.iterdir():
+        not_a_link(str(entry))
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     if not classes:
         raise UserError(f"{task}: {split_dir} holds no class folders")
     for name in classes:
+        _check_class_name(name, split_dir, task)
         if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in (split_dir / name).iterdir()):
             raise UserError(f"{task}: class folder {split_dir / name} holds no images")
     return classes
+
+
+def _check_class_name(name: str, split_dir: Path, task: str) -> None:
+    """A class name is written as one line of Task_N/classes.txt (UTF-8) and into results.json: it must be
+    a name, without path separators, line breaks, control characters or bytes that are not UTF-8."""
+    unusable = (
+        name in ("", ".", "..")
+        or any(sep in name for sep in ("/", "\\"))
+        or name.splitlines() != [name]
+        or any(unicodedata.category(char) in ("Cc", "Cs") for char in name)  # Cs: undecodable bytes
+    )
+    if unusable:
+        raise UserError(
+            f"{task}: class folder {name!r} in {split_dir} cannot name a class: a class name is one line of "
+            "classes.txt, without path separators, line breaks, control characters or bytes that are not UTF-8; "
+            "rename the folder"
+        )
 
 
 def check_task(task_dir: Path, manifest_classes: list[str]) -> list[str]:

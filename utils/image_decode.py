@@ -76,14 +76,32 @@ class _DecodeFiles(Dataset):
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def not_a_link(path: str) -> None:
+    """Task folders are read without following links: a link in a split (to a file, or to a folder such
+    as ``..``, which would read the data again and again) is one UserError naming it."""
+    if os.path.islink(path):
+        raise UserError(
+            f"{path} is a symbolic link; the task folders are read without following links: "
+            "put the file or folder itself there"
+        )
+
+
 def list_images(root: str) -> tuple[list[str], Samples]:
     """The classes (sorted sub-folders) of a split and its (file, class index) pairs, in the order of
-    torchvision's ImageFolder: classes sorted, then each class folder walked (following links) with its
-    folders and files sorted. Written out so that reading a split needs no torchvision import."""
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    torchvision's ImageFolder: classes sorted, then each class folder walked with its folders and files
+    sorted. Unlike ImageFolder, links are refused (``not_a_link``), not followed. Written out so that
+    reading a split needs no torchvision import."""
+    not_a_link(root)
+    with os.scandir(root) as entries:
+        entries = list(entries)
+    for entry in entries:
+        not_a_link(entry.path)
+    classes = sorted(entry.name for entry in entries if entry.is_dir())
     samples = []
     for index, name in enumerate(classes):
-        for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+        for folder, folders, files in sorted(os.walk(os.path.join(root, name))):
+            for entry in sorted(folders + files):
+                not_a_link(os.path.join(folder, entry))
             samples += [(os.path.join(folder, f), index) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
     return classes, samples
 

@@ -14,13 +14,22 @@ swallowed. So, while a run is in progress (``stop_at_safe_points``):
 - DataLoader workers ignore both signals: they are started with the signals blocked (so one that
   arrives while they start waits) and ignore them once running (``worker_init``); the main process
   stops them when it stops.
+
+Since workers ignore SIGTERM, ``Process.terminate`` cannot stop them, and multiprocessing's exit
+handler, which terminates and then joins every daemon child, would wait forever for the workers of a
+loader that an error left open (its iterator is kept alive by the error's traceback). So every loader
+iterator is recorded while it lives, and ``stop_workers`` (run by ``main.py`` when it ends, and at
+exit before multiprocessing's handler) shuts their workers down, and kills those that do not stop.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import multiprocessing.util  # noqa: F401 (registers its exit handler before ours: handlers run last-registered first)
 import signal
 import threading
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -31,6 +40,7 @@ from utils import distributed
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _requested: list[int] = []  # the signals received while stop_at_safe_points is active
 _active = False
+_open_iterators: weakref.WeakSet = weakref.WeakSet()  # loader iterators that may hold workers
 
 
 class Interrupted(KeyboardInterrupt):
@@ -118,6 +128,27 @@ def worker_init(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
+def _stop_iterator(iterator) -> None:
+    """Shut down the workers of a DataLoader iterator (torch asks them to finish, joins them for a few
+    seconds, then sends SIGTERM, which they ignore) and kill any that is still running."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # multiprocessing iterators only
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(iterator, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
+def stop_workers() -> None:
+    """Stop the workers of every loader iterator still open (an error left it so): the process can exit."""
+    for iterator in list(_open_iterators):
+        _stop_iterator(iterator)
+
+
+atexit.register(stop_workers)  # before multiprocessing's handler, which would join the workers forever
+
+
 class InterruptibleLoader(DataLoader):
     """A DataLoader that starts its workers with the signals held and stops at a requested interrupt
     after any batch."""
@@ -129,10 +160,12 @@ class InterruptibleLoader(DataLoader):
     def __iter__(self):
         with signals_blocked():
             iterator = super().__iter__()
+        _open_iterators.add(iterator)
         try:
             for batch in iterator:
                 if not distributed.active():  # ranks stop together at a step instead (check_everywhere)
                     check()
                 yield batch
         finally:
-            del iterator  # stops the workers now, not at garbage collection
+            _stop_iterator(iterator)  # now, not at garbage collection (a traceback may hold the iterator)
+            del iterator

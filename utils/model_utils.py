@@ -106,13 +106,20 @@ def save_head(head: nn.Linear, models_dir: str | Path, task_no: int) -> None:
     save_torch(head.state_dict(), task_folder(models_dir, task_no) / HEAD)
 
 
-def load_head(models_dir: str | Path, task_no: int, in_features: int) -> nn.Linear:
+def load_head(models_dir: str | Path, task_no: int, in_features: int, num_classes: int) -> nn.Linear:
+    """Task ``task_no``'s head, a Linear(in_features, num_classes): a file of another shape (from another
+    task or run, or tampered with) is one UserError naming it, what it holds and what was expected."""
     path = task_folder(models_dir, task_no) / HEAD
     state = load_torch(path)
     weight = state.get("weight") if isinstance(state, dict) else None
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise UserError(f"{path} is not a classification head (no 2-d 'weight')")
-    head = nn.Linear(in_features, weight.shape[0])
+    if tuple(weight.shape) != (num_classes, in_features):
+        raise UserError(
+            f"{path} holds a head of {weight.shape[0]} outputs over {weight.shape[1]} features, but Task_{task_no} "
+            f"has {num_classes} classes and the trunk gives {in_features} features"
+        )
+    head = nn.Linear(in_features, num_classes)
     check_tensors(state, head.state_dict(), str(path))
     head.load_state_dict(state)
     return head
