@@ -18,8 +18,8 @@ Baselines sharing the same machinery:
 
 - ``ewc_fisher``: EWC's diagonal empirical Fisher (Kirkpatrick et al., PNAS 2017),
   (1/N) sum_k (d log p(y_k | x_k) / d theta)^2.
-- ``si_importance``: Synaptic Intelligence (Zenke et al., ICML 2017), from the path integral
-  that ``LocalSgd`` accumulates during training.
+Synaptic Intelligence's importance comes from the optimizer's path integral, not from data: it
+lives with the method, in ``methods/si.py``.
 
 Per-sample sums. In eval mode the samples of a batch do not interact, so one backward pass of
 the batch-summed loss gives every sample's gradient G_k at the output of each layer. With the
@@ -360,21 +360,3 @@ def local_mas_importance(model: nn.Module, loader: DataLoader, device: torch.dev
             _accumulate_layer(layer, taps.inputs[name], g, 1, _layer_totals(name, layer, totals))
 
     return _hooked_mean(model, loader, device, "importance (local)", no_grad=True, accumulate=accumulate)
-
-
-# --------------------------------------------------------------------------- synaptic intelligence
-
-
-def si_importance(optimizer, shared: nn.Module, theta_start: dict[str, torch.Tensor], xi: float) -> Importance:
-    """SI (Zenke et al. 2017, Eq. 5): Omega = max(omega, 0) / ((theta_end - theta_start)^2 + xi), with
-    omega the path integral -sum_steps g * delta_theta that ``LocalSgd`` accumulated over the task."""
-    importance = {}
-    for name, p in trainable_parameters(shared).items():
-        path = optimizer.state[p].get("path_integral")
-        if path is None:
-            raise ValueError(f"no path integral for {name}: call LocalSgd.start_path_integral before training")
-        drift = p.detach().cpu() - theta_start[name]
-        # A negative path integral (moves that raised the loss on balance) would make the quadratic
-        # penalty push the parameter away from theta* without bound: such entries get no importance.
-        importance[name] = path.detach().cpu().clamp(min=0) / (drift.square() + xi)
-    return importance

@@ -13,8 +13,8 @@ from importance import (
     local_mas_importance,
     mas_batch_importance,
     mas_per_sample_importance,
-    si_importance,
 )
+from methods.si import si_importance
 from model_class import ConvNetTrunk, MlpTrunk, TaskModel
 from optimizer_lib import LocalSgd
 
