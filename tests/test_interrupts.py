@@ -17,7 +17,19 @@ import pytest
 from conftest import ROOT, assert_same_run, write_dataset
 from main import main
 
-FLAGS = ["--num_epochs", "3", "--batch_size", "4", "--init_lr", "0.05", "--reg_lambda", "0.5", "--seed", "11"]
+FLAGS = [
+    "--verbose",
+    "--num_epochs",
+    "3",
+    "--batch_size",
+    "4",
+    "--init_lr",
+    "0.05",
+    "--reg_lambda",
+    "0.5",
+    "--seed",
+    "11",
+]
 WORKERS = ["--num_workers", "2"]
 DRIVER = "import runpy; runpy.run_path('tests/interrupt_driver.py', run_name='__main__')"
 
