@@ -5,7 +5,8 @@ the disk is written for artefacts and checkpoints and read only when resuming.
 
 ``mas_train`` trains one task with the chosen method (``methods/``): it copies the shared trunk of
 the previous task, anchors the penalty lambda * sum Omega (theta - theta*)^2 (Eq. 3) at those
-weights through ``LocalSgd``, trains a new head and the trunk, measures the task's importance
+weights through ``LocalSgd``, trains the trunk and the scenario's head (``scenario.py``: a new one
+per task, or one shared by all tasks), measures the task's importance
 Omega (for MAS Eq. 2 and 4), consolidates Omega_total = Omega_prev + Omega_t, and saves the
 task's artefacts. ``compute_forgetting`` scores every task with the trunk and its head in memory
 against the accuracy recorded right after it was trained.
