@@ -24,6 +24,7 @@ from model_class import ARCHS, check_image_size
 from model_train import AMP_DTYPES
 from optimizer_lib import PENALTY_STEPS
 from presets import presets_for
+from scenario import SCENARIOS, check_scenario
 from utils import UserError
 from utils.cli import OneLineParser, at_least, int_between, positive_float, seed, unit_interval
 from utils.data_cache import CACHE_MODES
@@ -77,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=names,
         default="mas",
         help="; ".join(f"{n}: {methods.method_class(n).summary}" for n in names) + " (default: %(default)s)",
+    )
+    p.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="task",
+        help="task: a head per task, the task given at test (the paper's setting); domain: one head shared by "
+        "all tasks; class: one head over every class seen so far, scored with no task given (van de Ven & "
+        "Tolias 2019; see docs/scenarios.md) (default: %(default)s)",
     )
     p.add_argument(
         "--penalty_step",
@@ -189,6 +198,7 @@ class RunConfig:
     init_lr: float
     reg_lambda: float
     method: str
+    scenario: str  # task, domain or class (scenario.py)
     penalty_step: str
     amp: str  # off, bf16 or fp16 (model_train.Precision)
     data_dir: str
@@ -286,6 +296,7 @@ def make_config(values: Mapping[str, Any], manifest: Mapping[str, Any], applied:
     arch = common["arch"]
     image_size = common["image_size"] or (224 if arch == "alexnet" else manifest["image_size"])
     check_image_size(arch, image_size)
+    check_scenario(common["scenario"], manifest)
     importance_batch_size = common["importance_batch_size"] or common["batch_size"]
     return RunConfig(
         **{**common, "image_size": image_size, "importance_batch_size": importance_batch_size},

@@ -21,6 +21,8 @@ import torch
 from config import RunConfig, parse_config
 from mas import ForgettingRow, RunState, compute_forgetting, mas_train
 from methods import method_class
+from scenario import DESCRIPTIONS, class_counts, scenario_tasks
+from task_agnostic import TAG_METRICS, record_task_agnostic, start_task_agnostic
 from utils import Diverged, UserError, distributed, interrupt
 from utils.checkpoint import CHECKPOINT, argument_differences, load_checkpoint, remove_checkpoint
 from utils.data_cache import RunCache
@@ -77,6 +79,8 @@ def _resume_run(config: RunConfig, models_dir: Path) -> tuple[RunState, dict | N
         raise UserError(f"--resume with arguments that differ from the run in {models_dir}: " + "; ".join(differences))
     distributed.on_writer(lambda: check_data_files(config.data_dir, config.manifest, models_dir))
     distributed.on_writer(lambda: remove_stale_temporaries(models_dir))
+    if results is not None:
+        results.setdefault("scenario", "task")  # a run recorded before --scenario existed
     state = RunState(config, results if results is not None else _new_results(config))
     state.load_finished(models_dir)
     if checkpoint is not None and checkpoint["task"] <= state.finished:
@@ -85,7 +89,11 @@ def _resume_run(config: RunConfig, models_dir: Path) -> tuple[RunState, dict | N
 
 
 def _new_results(config: RunConfig) -> dict:
-    return new_results(config.recorded(), config.manifest, method_class(config.method)(config, None).label())
+    results = new_results(config.recorded(), config.manifest, method_class(config.method)(config, None).label())
+    results["scenario"] = config.scenario
+    if config.scenario == "task":  # domain and class score without the task: their matrix is task-agnostic
+        start_task_agnostic(results)
+    return results
 
 
 def _prepare_models_dir(config: RunConfig, lock: FolderLock) -> None:
@@ -142,12 +150,13 @@ def _load_tasks(config: RunConfig, device: torch.device) -> list:
         "cache": cache,
         "transform_on": device if device.type == "cuda" else None,  # cached batches: transformed on the GPU
     }
-    return [
+    tasks = [
         make_task_data(
             f, manifest, config.channels, config.image_size, config.batch_size, config.num_workers, **loaders
         )
         for f in task_dirs(config.data_dir, manifest)
     ]
+    return scenario_tasks(config.scenario, tasks, class_counts(manifest))
 
 
 def _train_task(state: RunState, task_no: int, task, device: torch.device, checkpoint: dict | None):
@@ -189,6 +198,7 @@ def _train_tasks(state: RunState, tasks: list, device: torch.device, checkpoint:
         rows = compute_forgetting(state, tasks[:task_no], device) if evaluate_now else None
         entry = _task_entry(task_no, task, result, time.perf_counter() - tic, resume is not None)
         record_task(state.results, entry, [r.now for r in rows] if rows else None)
+        record_task_agnostic(state.results, state.shared, state.heads, tasks[:task_no], evaluate_now, device)
         _write(save_results, state.results, config.models_dir)
         _write(remove_checkpoint, config.models_dir)
     return rows
@@ -196,6 +206,7 @@ def _train_tasks(state: RunState, tasks: list, device: torch.device, checkpoint:
 
 def _report(config: RunConfig, results: dict, rows: list[ForgettingRow]) -> dict:
     """Print the table and the averages, write the plots; the results with the forgetting rows."""
+    say(f"scenario: {DESCRIPTIONS[config.scenario]}")
     say(format_table(rows))
     average = {
         "average_forgetting": _mean([r.forgetting for r in rows]),
@@ -203,6 +214,9 @@ def _report(config: RunConfig, results: dict, rows: list[ForgettingRow]) -> dict
         "average_accuracy": _mean([r.now for r in rows]),
     }
     say(f"average accuracy: {format_pp(average['average_accuracy'])} %")
+    tag = results.get(TAG_METRICS, {}).get("average_accuracy")
+    if tag is not None:
+        say(f"task-agnostic average accuracy (argmax over all heads, no task given): {format_pp(tag)} %")
     if len(rows) > 1:
         say(
             f"average forgetting of tasks 1-{len(rows) - 1} (the avg line counts the last task too): "

@@ -5,7 +5,8 @@ the disk is written for artefacts and checkpoints and read only when resuming.
 
 ``mas_train`` trains one task with the chosen method (``methods/``): it copies the shared trunk of
 the previous task, anchors the penalty lambda * sum Omega (theta - theta*)^2 (Eq. 3) at those
-weights through ``LocalSgd``, trains a new head and the trunk, measures the task's importance
+weights through ``LocalSgd``, trains the trunk and the scenario's head (``scenario.py``: a new one
+per task, or one shared by all tasks), measures the task's importance
 Omega (for MAS Eq. 2 and 4), consolidates Omega_total = Omega_prev + Omega_t, and saves the
 task's artefacts. ``compute_forgetting`` scores every task with the trunk and its head in memory
 against the accuracy recorded right after it was trained.
@@ -23,7 +24,7 @@ from torch import nn
 
 from config import RunConfig
 from methods import Method, method_class
-from model_class import TaskModel, build_head, build_shared_model, create_freeze_layers, trainable_parameters
+from model_class import TaskModel, build_shared_model, create_freeze_layers, trainable_parameters
 from model_train import Precision, evaluate, make_precision, seed_everything, train_model
 from optimizer_lib import LocalSgd
 from reg_params import (
@@ -35,6 +36,7 @@ from reg_params import (
     load_reg_params,
     save_reg_params,
 )
+from scenario import check_loaded_heads, class_counts, scoring_head, start_head
 from utils import Diverged, distributed
 from utils.checkpoint import CHECKPOINT, check_optimizer_state, rank_rng, restore_rng, rng_state, save_checkpoint
 from utils.data_utils import TaskData
@@ -99,10 +101,15 @@ class RunState:
         if not self.finished:
             return
         self.shared = load_shared_state(self.new_trunk(), models_dir)
-        classes = [len(task["classes"]) for task in self.config.manifest["tasks"]]
+        # The task scenario checks each head against its task's classes as it loads it; the others against
+        # the outputs the scenario gives the shared head after that task.
+        counts = class_counts(self.config.manifest)
+        per_task = self.config.scenario == "task"
         self.heads = {
-            t: load_head(models_dir, t, self.shared.out_features, classes[t - 1]) for t in range(1, self.finished + 1)
+            t: load_head(models_dir, t, self.shared.out_features, counts[t - 1] if per_task else None)
+            for t in range(1, self.finished + 1)
         }
+        check_loaded_heads(self.config.scenario, self.heads, counts, models_dir)
         self.reg_params = load_reg_params(models_dir, self.shared)
 
     def finish_task(self, task_no: int, task: TaskData, model: TaskModel, reg_params: RegParams, accuracy: float):
@@ -133,7 +140,8 @@ def _start_task(state: RunState, task_no: int, task: TaskData, checkpoint: dict 
     shared = state.new_trunk(pretrained=task_no == 1 and checkpoint is None and state.config.pretrained)
     if task_no > 1 and checkpoint is None:
         shared.load_state_dict(state.shared.state_dict())
-    model = TaskModel(shared, build_head(shared, len(task.classes)))
+    head = start_head(state.config.scenario, shared, len(task.classes), state.heads.get(task_no - 1))
+    model = TaskModel(shared, head)
     if checkpoint is not None:
         where = checkpoint_path(state.config)
         check_tensors(checkpoint["model"], model.state_dict(), f"{where}: the model")
@@ -245,7 +253,8 @@ def mas_train(
 
 def compute_forgetting(state: RunState, tasks: list[TaskData], device: torch.device) -> list[ForgettingRow]:
     """Forgetting of each task: the accuracy recorded right after training it minus its accuracy now,
-    with the run's trunk and the task's head, all in memory. The last finished task is not scored
+    with the run's trunk and the head the scenario scores it with (its own, or the current shared
+    one), all in memory. The last finished task is not scored
     again: it was tested with the trunk as it is now, so its recorded accuracy is its accuracy now."""
     rows = []
     for task_no, task in enumerate(tasks, start=1):
@@ -253,7 +262,8 @@ def compute_forgetting(state: RunState, tasks: list[TaskData], device: torch.dev
         if task_no == state.finished:
             now = before
         else:
-            model = TaskModel(state.shared, state.heads[task_no]).to(device)
+            head = scoring_head(state.config.scenario, state.heads, task_no, state.finished)
+            model = TaskModel(state.shared, head).to(device)
             now = evaluate(model, task.test, device, desc=f"{task.name} final test")
         rows.append(ForgettingRow(task_no, before, now, before - now))
     return rows

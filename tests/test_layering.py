@@ -16,6 +16,8 @@ LAYERS = [
     "reg_params",
     "methods",
     "model_train",
+    "scenario",
+    "task_agnostic",
     "config",
     "mas",
     "main",

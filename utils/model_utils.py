@@ -106,14 +106,16 @@ def save_head(head: nn.Linear, models_dir: str | Path, task_no: int) -> None:
     save_torch(head.state_dict(), task_folder(models_dir, task_no) / HEAD)
 
 
-def load_head(models_dir: str | Path, task_no: int, in_features: int, num_classes: int) -> nn.Linear:
+def load_head(models_dir: str | Path, task_no: int, in_features: int, num_classes: int | None) -> nn.Linear:
     """Task ``task_no``'s head, a Linear(in_features, num_classes): a file of another shape (from another
-    task or run, or tampered with) is one UserError naming it, what it holds and what was expected."""
+    task or run, or tampered with) is one UserError naming it, what it holds and what was expected.
+    ``num_classes`` None: any number of outputs (the caller checks them, see scenario.check_loaded_heads)."""
     path = task_folder(models_dir, task_no) / HEAD
     state = load_torch(path)
     weight = state.get("weight") if isinstance(state, dict) else None
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise UserError(f"{path} is not a classification head (no 2-d 'weight')")
+    num_classes = weight.shape[0] if num_classes is None else num_classes
     if tuple(weight.shape) != (num_classes, in_features):
         raise UserError(
             f"{path} holds a head of {weight.shape[0]} outputs over {weight.shape[1]} features, but Task_{task_no} "

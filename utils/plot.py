@@ -66,8 +66,10 @@ def fitted_range(values: np.ndarray, min_span: float) -> tuple[float, float]:
 
 
 def run_title(results: dict[str, Any], label: str | None = None) -> str:
-    """ "<data set>: <method label>", for every figure of a run."""
-    return f"{results.get('dataset', 'data')}: {label or run_label(results)}"
+    """ "<data set> (<scenario>-incremental): <method label>", for every figure of a run (a run recorded
+    before main.py's --scenario existed is task-incremental)."""
+    scenario = results.get("scenario", "task")
+    return f"{results.get('dataset', 'data')} ({scenario}-incremental): {label or run_label(results)}"
 
 
 def plot_accuracy_matrix(results: dict[str, Any], path: Path, label: str | None = None) -> Path:
