@@ -125,6 +125,17 @@ def test_auto_reads_a_split_of_mixed_sizes_from_its_files_with_the_same_batches(
     assert capsys.readouterr().out.count("--cache auto: Task_1 train: ") == 1
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # no accelerator here: pinning is a no-op
+@pytest.mark.parametrize("cache", ["ram", "off"])
+def test_pin_memory_reaches_every_loader_and_changes_no_batch(tmp_path, cache):
+    """main.py asks for pinned memory on CUDA (copied with non_blocking); the transforms stay in the loader."""
+    data = _augmented(write_dataset(tmp_path / "Data", n_train=3, size=10))
+    pinned, plain = (_tasks(data, 1, 8, cache, pin_memory=pin)[0] for pin in (True, False))
+    for kind in ("train", "importance", "test"):
+        assert getattr(pinned, kind).pin_memory and not getattr(plain, kind).pin_memory
+        _assert_same_passes(getattr(pinned, kind), getattr(plain, kind))
+
+
 def _trained_tensors_equal(first: Path, second: Path) -> None:
     """The shared model, every head and every reg_params tensor of two runs: torch.equal, file by file."""
     names = ["shared_model.pth", *(str(p.relative_to(first)) for p in sorted(first.glob("Task_*/head.pth")))]
