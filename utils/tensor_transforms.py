@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 _TEST_RESIZE_RATIO = 256 / 224  # the seed resized to 256 and centre-cropped 224 at test time
 
@@ -59,4 +60,5 @@ class PilPerSample:
         self.transform = transform
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.transform(as_pil(image)) for image in images])
+        # default_collate, as the file path: in a worker it stacks straight into shared memory (no extra copy)
+        return default_collate([self.transform(as_pil(image)) for image in images])
