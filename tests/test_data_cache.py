@@ -149,10 +149,12 @@ def _trained_tensors_equal(first: Path, second: Path) -> None:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_alexnet_with_augmentation_trains_the_same_from_memory_and_from_the_files(tmp_path, workers):
-    """Two tasks of the Tiny-ImageNet stand-in, AlexNet with random weights at 64, 2 epochs: --cache ram and
-    --cache off leave the same tensors (the files take 0.9 GB a run: removed at the end)."""
+    """Two tasks of the Tiny-ImageNet stand-in (64x64 JPEGs), AlexNet with random weights at 72, 2 epochs:
+    --cache ram and --cache off leave the same tensors (the files take 0.9 GB a run: removed at the end).
+    At 72 torchvision.transforms.v2 on tensors, which the cache used before, differed from PIL in a few
+    hundred values per task and every loader (at 64, by chance, in none on this stand-in)."""
     data = write_standin(tmp_path / "Data", tasks=2, classes=2, train=3, test=2)
-    flags = ["--arch", "alexnet", "--no-pretrained", "--image_size", "64", "--num_workers", str(workers)]
+    flags = ["--arch", "alexnet", "--no-pretrained", "--image_size", "72", "--num_workers", str(workers)]
     try:
         for cache in ("ram", "off"):
             _run(data, tmp_path / cache, *flags, "--cache", cache)
