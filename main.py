@@ -137,7 +137,7 @@ def _load_tasks(config: RunConfig, device: torch.device) -> list:
     loaders = {
         "importance_batch_size": config.importance_batch_size,
         "cache": cache,
-        "transform_on": device if device.type == "cuda" else None,  # cached batches: transformed on the GPU
+        "pin_memory": device.type == "cuda",  # batches copied to the GPU with non_blocking (model_train.py)
     }
     return [
         make_task_data(

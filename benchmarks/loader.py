@@ -8,7 +8,7 @@ mean and std, ``default_arch`` alexnet) and measures, in this process:
 
 - the training loader of task 1 as main.py builds it (RandomResizedCrop to 224, flip, normalise; shuffled),
   in images per second over one epoch, for ``--cache off`` (PIL decodes every JPEG every epoch) and
-  ``--cache ram`` (decoded once beforehand, then transforms.v2 on uint8 tensors), at ``--num_workers``
+  ``--cache ram`` (decoded once beforehand, then the same PIL transforms of each image), at ``--num_workers``
   0, 1, 2 and 4 and batch sizes 8 and 64; and how long decoding the task once takes;
 - one AlexNet training step at 224 (forward, backward, SGD with momentum; random weights, the first 2
   convolutions frozen as main.py's default), in images per second at batch 8 and 64, on 2 torch threads.

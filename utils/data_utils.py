@@ -33,7 +33,7 @@ from utils.interrupt import InterruptibleLoader
 from utils.io_utils import load_json
 from utils.manifest import MANIFEST, check_manifest
 from utils.tensor_data import CachedLoader, SplitDataset
-from utils.tensor_transforms import TensorTransform, normalise, tensor_transform, test_resize
+from utils.tensor_transforms import BatchTransform, NormaliseBatch, PilPerSample, normalise, test_resize
 
 _TASK_DIR = re.compile(r"^Task_(\d+)$")
 
@@ -58,7 +58,7 @@ class LoaderSettings:
     num_workers: int
     importance_batch_size: int | None = None  # None: batch_size
     cache: RunCache | None = None  # None: the files every epoch (--cache off)
-    transform_on: torch.device | None = None  # cached batches: transformed on this device, else in the loader
+    pin_memory: bool = False  # CUDA: batches in pinned memory, copied to the device with non_blocking
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
@@ -171,12 +171,13 @@ def sampling(dataset, batch_size: int, shuffle: bool) -> dict[str, Any]:
     return {"batch_sampler": sampler(dataset, batch_size, rank, size)}
 
 
-def _loader(folder: Path, transform, mode: str, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
+def _loader(folder: Path, transform, mode: str, batch_size: int, shuffle: bool, settings: LoaderSettings) -> DataLoader:
     dataset = ImageFiles(str(folder), mode, transform)
     return InterruptibleLoader(
         dataset,
         **sampling(dataset, batch_size, shuffle),
-        num_workers=num_workers,
+        num_workers=settings.num_workers,
+        pin_memory=settings.pin_memory,
         # Workers are restarted every epoch and seeded from the main RNG, which checkpoints
         # restore: a resumed run sees the same augmentations even with --num_workers > 0.
         persistent_workers=False,
@@ -193,11 +194,11 @@ def make_task_data(
     *,
     importance_batch_size: int | None = None,
     cache: RunCache | None = None,
-    transform_on: torch.device | None = None,
+    pin_memory: bool = False,
 ) -> TaskData:
     """Loaders for one task. ``channels`` is what the model wants (AlexNet: 3); the importance loader
     takes ``importance_batch_size`` (default ``batch_size``); ``cache``: see LoaderSettings."""
-    settings = LoaderSettings(batch_size, num_workers, importance_batch_size, cache, transform_on)
+    settings = LoaderSettings(batch_size, num_workers, importance_batch_size, cache, pin_memory)
     entry = next(t for t in manifest["tasks"] if t["name"] == task_dir.name)
     classes = check_task(task_dir, entry["classes"])
     mean, std = _stats_for(manifest, channels)
@@ -211,18 +212,9 @@ def make_task_data(
         "test": (task_dir / "test", test_tf, settings.batch_size, False),
     }
     if settings.cache is None or settings.cache.mode == "off":
-        loaders = {
-            k: _loader(f, tf, mode, bs, shuffle, settings.num_workers) for k, (f, tf, bs, shuffle) in specs.items()
-        }
+        loaders = {k: _loader(f, tf, mode, bs, shuffle, settings) for k, (f, tf, bs, shuffle) in specs.items()}
     else:
-        # Data that is not augmented is resized deterministically: once, while decoding, by the file path's own
-        # PIL resize, so that batches from memory are bit for bit those from the files.
-        resize = None if augment else functools.partial(pil_resize, size=image_size)
-
-        def tensor_tf(train: bool) -> TensorTransform:
-            return tensor_transform(image_size, mean, std, augment, train)
-
-        loaders = _cached_loaders(task_dir.name, specs, mode, resize, tensor_tf, settings)
+        loaders = _cached_loaders(task_dir.name, specs, mode, None if augment else image_size, settings)
     return TaskData(name=task_dir.name, classes=classes, **loaders)
 
 
@@ -230,30 +222,37 @@ def _cached_loaders(
     task: str,
     specs: dict[str, tuple],
     mode: str,
-    pil_resize: Callable | None,
-    tensor_tf: Callable[[bool], TensorTransform],
+    resize_to: int | None,
     settings: LoaderSettings,
 ) -> dict[str, CachedLoader]:
     """The loaders of ``specs`` over the run's cache: a train and a test split, the importance loader
-    sharing the train split's images."""
+    sharing the train split's images. ``resize_to``: data that is not augmented is resized once, while
+    decoding, by the file path's own PIL resize (None: augmented, kept as decoded)."""
+    resize = None if resize_to is None else functools.partial(pil_resize, size=resize_to)
     files = {k: ImageFiles(str(f), mode, tf) for k, (f, tf, *_) in specs.items()}
-    stores = {s: SplitStore(f"{task} {s}", files[s].samples, mode, pil_resize) for s in ("train", "test")}
+    stores = {s: SplitStore(f"{task} {s}", files[s].samples, mode, resize) for s in ("train", "test")}
     settings.cache.add(task, stores)
     loaders = {}
-    for kind, (_, _, batch_size, shuffle) in specs.items():
+    for kind, (_, file_transform, batch_size, shuffle) in specs.items():
         split = "test" if kind == "test" else "train"
-        transform = tensor_tf(kind == "train")
-        dataset = SplitDataset(files[kind], stores[split], None if settings.transform_on else transform)
+        dataset = SplitDataset(files[kind], stores[split], _memory_transform(file_transform, resize_to is None))
         loaders[kind] = CachedLoader(
             dataset,
             functools.partial(settings.cache.prepare, task, split),
-            settings.transform_on,
-            transform,
             **sampling(dataset, batch_size, shuffle),
             num_workers=settings.num_workers,
+            pin_memory=settings.pin_memory,
             persistent_workers=False,  # as _loader: workers seeded from the main RNG every epoch
         )
     return loaders
+
+
+def _memory_transform(file_transform, augment: bool) -> BatchTransform:
+    """The file path's transform for images held in memory (see utils/tensor_transforms.py): the same
+    PIL transform object for augmented data; else, the resize done while decoding, ``normalise``."""
+    if augment:
+        return PilPerSample(file_transform)
+    return NormaliseBatch(file_transform.mean, file_transform.std)
 
 
 def _stats_for(manifest: dict[str, Any], channels: int) -> tuple[list[float], list[float]]:

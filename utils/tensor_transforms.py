@@ -1,24 +1,27 @@
-"""The transforms of ``data_utils.build_transforms`` on uint8 image tensors (torchvision.transforms.v2),
-for images held in memory by the data cache; on a batch, on any device.
+"""The transforms of images held in memory by the data cache: the file path's own, so that ``--cache ram``
+and ``--cache off`` feed the network bit-identical tensors, augmentation included.
 
-- ``augment`` data, training: RandomResizedCrop to the model size and a horizontal flip, each sample
-  with its own random parameters (the seed's augmentation);
-- ``augment`` data, testing: resize the shorter side to round(size * 256 / 224), centre crop;
-- other data (digits, MNIST): a resize to the model size, a no-op for images that the cache decoded
-  at that size (it applies the file path's own PIL resize while decoding, see data_utils).
-
-Then ``normalise``: ToTensor's and Normalize's arithmetic exactly, so that a batch from memory is
-bit for bit the batch read from the files whenever the geometric part is the same.
+- Data that is not augmented (digits, MNIST): the cache decoded each image with the file path's PIL resize
+  to the model size, so what is left of ``ResizeAndNormalise`` is ``normalise``, on the whole batch.
+- Augmented data (Tiny-ImageNet): the cache holds the images as decoded, at full size. Each one becomes
+  again the PIL image that the file path reads (``as_pil``: exact) and goes through the file path's very
+  transform object (torchvision's PIL RandomResizedCrop and flip, or resize and centre crop; ToTensor,
+  Normalize), sample by sample in batch order, so that the random parameters come from the same RNG in
+  the same order. PIL resamples in integer fixed-point arithmetic: the same pixels on every CPU, which
+  torch's SIMD-specific antialiased uint8 kernels do not promise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 
 _TEST_RESIZE_RATIO = 256 / 224  # the seed resized to 256 and centre-cropped 224 at test time
+
+BatchTransform = Callable[[torch.Tensor], torch.Tensor]  # uint8 N x C x H x W -> float32 N x C x S x S
 
 
 def test_resize(image_size: int) -> int:
@@ -33,56 +36,27 @@ def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return images.float().div(255).sub(mean.view(per_channel)).div(std.view(per_channel))
 
 
-def geometric_transform(image_size: int, augment: bool, train: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The uint8 -> uint8 part of build_transforms (antialiased, as PIL's resize)."""
-    if not augment:
-        return ResizeTo(image_size)
-    from torchvision.transforms import v2  # only augmented data (and other sizes) need torchvision
-
-    if train:
-        return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
-    return v2.Compose([v2.Resize(test_resize(image_size), antialias=True), v2.CenterCrop(image_size)])
+def as_pil(image: torch.Tensor) -> Image.Image:
+    """uint8 C x H x W (C = 1 or 3) -> the PIL image ("L" or "RGB") whose pixels these are."""
+    pixels = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
+    return Image.fromarray(np.ascontiguousarray(pixels.numpy()))
 
 
-class ResizeTo:
-    """v2.Resize((size, size)) that returns images already of that size untouched, without entering v2's
-    dispatch: for data that is not augmented the cache decodes at the model size, and on small images
-    (digits: 8x8, a batch in microseconds) that dispatch would cost more than the rest of the batch."""
+class NormaliseBatch:
+    """``normalise`` of a batch already at the model size (decoded with the file path's resize)."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean, self.std = mean, std  # float32, one value per channel
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-2:] == (self.size, self.size):
-            return images
-        from torchvision.transforms import v2
-
-        return v2.Resize((self.size, self.size), antialias=True)(images)
+        return normalise(images, self.mean, self.std)
 
 
-@dataclass(frozen=True)
-class TensorTransform:
-    """A geometric transform, then ``normalise``, applied to a uint8 batch N x C x H x W on its device."""
+class PilPerSample:
+    """The file path's transform of PIL images, applied to each image of a uint8 batch in order."""
 
-    geometric: Callable[[torch.Tensor], torch.Tensor]
-    mean: torch.Tensor  # float32, one value per channel
-    std: torch.Tensor
-    per_sample: bool  # random parameters: each sample draws its own, in batch order
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.transform = transform
 
-    def batch(self, images: torch.Tensor) -> torch.Tensor:
-        # Random parameters are drawn per sample; a deterministic transform takes the batch in one call.
-        shaped = torch.stack([self.geometric(x) for x in images]) if self.per_sample else self.geometric(images)
-        device = images.device
-        return normalise(shaped, self.mean.to(device, non_blocking=True), self.std.to(device, non_blocking=True))
-
-
-def tensor_transform(
-    image_size: int, mean: Sequence[float], std: Sequence[float], augment: bool, train: bool
-) -> TensorTransform:
-    """build_transforms(image_size, mean, std, augment, train) for uint8 tensors."""
-    return TensorTransform(
-        geometric_transform(image_size, augment, train),
-        torch.tensor(mean, dtype=torch.float32),
-        torch.tensor(std, dtype=torch.float32),
-        per_sample=augment and train,
-    )
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.transform(as_pil(image)) for image in images])
