@@ -18,6 +18,8 @@ LAYERS = [
     "model_train",
     "config",
     "mas",
+    "validation_scores",
+    "hparam_search",
     "main",
 ]
 # Command-line tools on top, with the data preparation behind data_prep.py: no training module

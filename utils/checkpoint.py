@@ -37,7 +37,13 @@ def _with_flags_added_later(stored: dict[str, Any]) -> dict[str, Any]:
     the files every epoch, took the explicit penalty step in fp32, and its importance pass read
     batches of ``--batch_size``. So a run begun before a flag existed can be resumed (with
     ``--cache off`` where the new default differs), and is never silently continued otherwise."""
-    added_later = {"amp": "off", "cache": "off", "penalty_step": "explicit"}
+    added_later = {
+        "amp": "off",
+        "cache": "off",
+        "penalty_step": "explicit",
+        "val_fraction": 0.0,
+        "hparam_search": "off",
+    }
     if "batch_size" in stored:
         added_later["importance_batch_size"] = stored["batch_size"]
     return {**added_later, **stored}
