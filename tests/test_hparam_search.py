@@ -131,3 +131,21 @@ def test_a_search_killed_after_its_first_trial_resumes_to_the_same_run(data, ref
     assert _search(models) == _search(reference)
     trials = sum(len(e["trials"]) for e in _search(reference))
     assert resumed.stdout.count("chf trial") == trials - 1  # the persisted trial is not trained again
+
+
+def test_under_torchrun_every_rank_searches_and_the_choice_is_one_process_s(data, reference, tmp_path):
+    models = tmp_path / "models"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [*command, *_argv(data, models)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("chf chose") == 2  # rank 0 speaks
+    ours, ref = _search(models), _search(reference)
+    assert [e["chosen"] for e in ours] == [e["chosen"] for e in ref]
+    assert [[t["validation_accuracy"] for t in e["trials"]] for e in ours] == [
+        [t["validation_accuracy"] for t in e["trials"]] for e in ref
+    ]
+    results = [json.loads((m / "results.json").read_text()) for m in (models, reference)]
+    assert results[0]["validation_accuracy_matrix"] == results[1]["validation_accuracy_matrix"]
