@@ -42,6 +42,8 @@ MAX_BATCH = 2**31 - 1
 MAX_EPOCHS = 1_000_000
 MAX_LAYERS = 1_000
 MAX_WORKERS = 512
+MAX_TRIES = 1_000
+HPARAM_SEARCHES = ("off", "chf")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,9 +184,70 @@ def build_parser() -> argparse.ArgumentParser:
         "per task (default: %(default)s)",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors (default: %(default)s)")
+    _add_validation_args(p)
     for name in names:
         methods.method_class(name).add_args(p.add_argument_group(f"--method {name}"))
     return p
+
+
+def _add_validation_args(p: argparse.ArgumentParser) -> None:
+    """--val_fraction and --hparam_search chf (hparam_search.py); the defaults of the search are FACIL's
+    (src/gridsearch.py, its general learning rates and its start lambda for MAS)."""
+    p.add_argument(
+        "--val_fraction",
+        type=unit_interval,
+        default=0.0,
+        help="hold out this part of each class's training images of every task as a validation set, scored "
+        "after every task; 0: none (default: %(default)s)",
+    )
+    p.add_argument(
+        "--hparam_search",
+        choices=HPARAM_SEARCHES,
+        default="off",
+        help="chf: choose each task's --init_lr and --reg_lambda on the validation set by the Continual "
+        "Hyperparameter Framework (De Lange et al., TPAMI 2021); needs --val_fraction > 0 (default: %(default)s)",
+    )
+    _add_chf_args(p.add_argument_group("--hparam_search chf"))
+
+
+def _add_chf_args(g) -> None:
+    g.add_argument(
+        "--chf_lrs",
+        type=positive_float,
+        nargs="+",
+        default=[0.1, 0.05, 0.01, 0.005, 0.001],
+        help="learning rates of the fine-tuning grid (default: %(default)s)",
+    )
+    g.add_argument(
+        "--chf_lambda",
+        type=positive_float,
+        default=400.0,
+        help="reg_lambda of the first stability trial (default: %(default)s)",
+    )
+    g.add_argument(
+        "--chf_p",
+        type=unit_interval,
+        default=0.2,
+        help="accepted drop of validation accuracy below the fine-tuned one (default: %(default)s)",
+    )
+    g.add_argument(
+        "--chf_decay",
+        type=unit_interval,
+        default=0.5,
+        help="reg_lambda is multiplied by this after a trial below the threshold (default: %(default)s)",
+    )
+    g.add_argument(
+        "--chf_max_tries",
+        type=int_between(1, MAX_TRIES),
+        default=7,
+        help="at most this many stability trials per task (default: %(default)s)",
+    )
+    g.add_argument(
+        "--chf_epochs",
+        type=int_between(1, MAX_EPOCHS),
+        default=None,
+        help="epochs of every trial (default: %(default)s, i.e. --num_epochs)",
+    )
 
 
 @dataclass(frozen=True)
@@ -225,15 +288,20 @@ class RunConfig:
     manifest: Mapping[str, Any] = field(repr=False, compare=False)
     applied_defaults: Mapping[str, Any] = field(default_factory=dict, compare=False)
     world_size: int = 1  # processes under torchrun; --batch_size is the global batch, shared among them
+    val_fraction: float = 0.0  # training images held out per class as validation (utils/validation.py)
+    hparam_search: str = "off"  # off, or chf (hparam_search.py)
+    search_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # the --chf_ flags
 
     def recorded(self) -> dict[str, Any]:
         """The arguments stored in checkpoints and results.json, as flat ``flag -> value``; flags the
         chosen method does not read are left out, so that they cannot block a resume."""
-        skipped = NOT_RECORDED | {"method_options", "manifest", "applied_defaults"}
+        skipped = NOT_RECORDED | {"method_options", "manifest", "applied_defaults", "search_options"}
         arguments = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skipped}
         arguments.update(self.method_options)
-        if self.world_size == 1:
-            del arguments["world_size"]  # a plain run records what it always recorded
+        arguments.update({k: list(v) if isinstance(v, tuple) else v for k, v in self.search_options.items()})
+        for key, plain in (("world_size", 1), ("val_fraction", 0.0), ("hparam_search", "off")):
+            if arguments[key] == plain:
+                del arguments[key]  # a plain run records what it always recorded
         arguments["data_dir"] = str(Path(self.data_dir).resolve())
         arguments["models_dir"] = str(Path(self.models_dir).resolve())
         return dict(sorted(arguments.items()))
@@ -292,7 +360,7 @@ def parse_config(argv: list[str]) -> RunConfig:
 def make_config(values: Mapping[str, Any], manifest: Mapping[str, Any], applied: Mapping[str, Any] = ()) -> RunConfig:
     """A RunConfig from flag values (every flag of ``build_parser``) and the data's manifest."""
     options = methods.method_class(values["method"]).option_names()
-    common = {k: v for k, v in values.items() if k not in _all_method_options()}
+    common = {k: v for k, v in values.items() if k not in _all_method_options() and not k.startswith("chf_")}
     arch = common["arch"]
     image_size = common["image_size"] or (224 if arch == "alexnet" else manifest["image_size"])
     check_image_size(arch, image_size)
@@ -301,11 +369,26 @@ def make_config(values: Mapping[str, Any], manifest: Mapping[str, Any], applied:
     return RunConfig(
         **{**common, "image_size": image_size, "importance_batch_size": importance_batch_size},
         method_options=MappingProxyType({k: values[k] for k in options}),
+        search_options=_search_options(values),
         channels=3 if arch == "alexnet" else manifest["channels"],
         data_fingerprint=data_fingerprint(manifest),
         manifest=MappingProxyType(dict(manifest)),
         applied_defaults=MappingProxyType(dict(applied)),
     )
+
+
+def _search_options(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The --chf_ flags of --hparam_search chf (none otherwise), --chf_epochs resolved."""
+    if values["hparam_search"] == "off":
+        return MappingProxyType({})
+    if values["val_fraction"] <= 0:
+        raise UserError("--hparam_search chf chooses on a validation set: give --val_fraction > 0 (e.g. 0.1)")
+    if values["chf_decay"] <= 0:
+        raise UserError("--chf_decay must be > 0, got 0")
+    options = {k: v for k, v in values.items() if k.startswith("chf_")}
+    options["chf_lrs"] = tuple(options["chf_lrs"])
+    options["chf_epochs"] = options["chf_epochs"] or values["num_epochs"]
+    return MappingProxyType(options)
 
 
 def _all_method_options() -> set[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from config import RunConfig, parse_config
+from hparam_search import choose_hparams
 from mas import ForgettingRow, RunState, compute_forgetting, mas_train
 from methods import method_class
 from scenario import DESCRIPTIONS, class_counts, scenario_tasks
@@ -38,6 +39,7 @@ from utils.run_folder import (
     remove_stale_temporaries,
     run_artefacts,
 )
+from validation_scores import record_validation, score_validation
 
 
 def say(*args) -> None:
@@ -149,6 +151,8 @@ def _load_tasks(config: RunConfig, device: torch.device) -> list:
         "importance_batch_size": config.importance_batch_size,
         "cache": cache,
         "pin_memory": device.type == "cuda",  # batches copied to the GPU with non_blocking (model_train.py)
+        "val_fraction": config.val_fraction,  # held out of every task's training images (utils/validation.py)
+        "seed": config.seed,
     }
     tasks = [
         make_task_data(
@@ -160,9 +164,11 @@ def _load_tasks(config: RunConfig, device: torch.device) -> list:
 
 
 def _train_task(state: RunState, task_no: int, task, device: torch.device, checkpoint: dict | None):
-    """Train one task; a run that diverges says so in results.json before it stops."""
+    """Train one task (with the learning rate and lambda --hparam_search chooses); a run that diverges
+    says so in results.json before it stops."""
     try:
-        return mas_train(state, task_no, task, device, checkpoint)
+        hyper = choose_hparams(state, task_no, task, device)
+        return mas_train(state, task_no, task, device, checkpoint, hyper)
     except Diverged as err:
         state.results["diverged"] = {"task": task_no, "message": str(err)}
         _write(save_results, state.results, state.config.models_dir)
@@ -199,6 +205,9 @@ def _train_tasks(state: RunState, tasks: list, device: torch.device, checkpoint:
         entry = _task_entry(task_no, task, result, time.perf_counter() - tic, resume is not None)
         record_task(state.results, entry, [r.now for r in rows] if rows else None)
         record_task_agnostic(state.results, state.shared, state.heads, tasks[:task_no], evaluate_now, device)
+        if task.validation is not None:
+            row = score_validation(state, tasks[:task_no], len(tasks), device, evaluate_now)
+            record_validation(state.results, row)
         _write(save_results, state.results, config.models_dir)
         _write(remove_checkpoint, config.models_dir)
     return rows

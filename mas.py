@@ -211,20 +211,37 @@ def _check_importance(omega: dict[str, torch.Tensor], task: TaskData, penalty_st
         )
 
 
-def mas_train(
-    state: RunState, task_no: int, task: TaskData, device: torch.device, checkpoint: dict | None = None
-) -> TaskResult:
-    """Train task ``task_no`` (1-based), from its start or from ``checkpoint``, checkpointing after
-    every epoch; measure its importance and test accuracy; keep and write its artefacts."""
-    config = state.config
-    if distributed.is_writer():
-        Path(config.models_dir).mkdir(parents=True, exist_ok=True)
+@dataclass
+class TrainedTask:
+    """A task's model after its epochs, with what its importance pass needs."""
+
+    model: TaskModel
+    reg_params: RegParams  # theta* and Omega at the task's start
+    method: Method
+    history: list[dict]
+    seconds: float
+
+
+def train_task(
+    state: RunState,
+    task_no: int,
+    task: TaskData,
+    device: torch.device,
+    checkpoint: dict | None = None,
+    hyper: RunConfig | None = None,
+    checkpoints: bool = True,
+) -> TrainedTask:
+    """The epochs of task ``task_no`` from its start (or ``checkpoint``). ``hyper``: the run's config
+    with other hyperparameters (learning rate, lambda, epochs, method) for this training only; a run's
+    task (``hyper`` None or chosen by --hparam_search) writes checkpoints, a trial (``checkpoints``
+    False) nothing."""
+    config = hyper or state.config
     model, reg_params = _start_task(state, task_no, task, checkpoint)
     model.to(device)
     if device.type == "cuda" and config.arch == "alexnet":  # faster convolutions (not measured here: no GPU)
         model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(model, config, checkpoint)
-    method = state.method(device)
+    method = method_class(config.method)(config, device)
     method.start_task(task_no, model, optimizer, reg_params)
     precision = make_precision(config.amp, device)
     _restore(checkpoint, precision)
@@ -238,17 +255,36 @@ def mas_train(
         device,
         start_epoch=0 if checkpoint is None else checkpoint["epoch"] + 1,
         history=None if checkpoint is None else checkpoint["history"],
-        on_epoch_end=_checkpointer(state, task_no, model, optimizer, reg_params, precision),
+        on_epoch_end=_checkpointer(state, task_no, model, optimizer, reg_params, precision) if checkpoints else None,
         precision=precision,
         verbose=config.verbose,
     )
-    train_seconds, tic = time.perf_counter() - tic, time.perf_counter()
-    omega = method.importance(model, task)  # the model itself, not its DDP wrapper: each rank scores its shard
+    return TrainedTask(model, reg_params, method, history, time.perf_counter() - tic)
+
+
+def mas_train(
+    state: RunState,
+    task_no: int,
+    task: TaskData,
+    device: torch.device,
+    checkpoint: dict | None = None,
+    hyper: RunConfig | None = None,
+) -> TaskResult:
+    """Train task ``task_no`` (1-based), from its start or from ``checkpoint``, checkpointing after
+    every epoch; measure its importance and test accuracy; keep and write its artefacts. ``hyper``:
+    this task's learning rate and lambda (--hparam_search), see ``train_task``."""
+    config = state.config
+    if distributed.is_writer():
+        Path(config.models_dir).mkdir(parents=True, exist_ok=True)
+    trained = train_task(state, task_no, task, device, checkpoint, hyper)
+    model, tic = trained.model, time.perf_counter()
+    omega = trained.method.importance(model, task)  # the model itself, not its DDP wrapper: each rank scores its shard
     importance_seconds = time.perf_counter() - tic
     _check_importance(omega, task, config.penalty_step)
     test_accuracy = evaluate(model, task.test, device, desc=f"{task.name} test")
-    state.finish_task(task_no, task, model, consolidate_reg_params(reg_params, omega, model.shared), test_accuracy)
-    return TaskResult(omega, test_accuracy, history, train_seconds, importance_seconds)
+    reg_params = consolidate_reg_params(trained.reg_params, omega, model.shared)
+    state.finish_task(task_no, task, model, reg_params, test_accuracy)
+    return TaskResult(omega, test_accuracy, trained.history, trained.seconds, importance_seconds)
 
 
 def compute_forgetting(state: RunState, tasks: list[TaskData], device: torch.device) -> list[ForgettingRow]:

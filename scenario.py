@@ -88,7 +88,8 @@ def with_label_offset(task: TaskData, offset: int) -> TaskData:
     """``task`` with every loader's labels shifted by ``offset`` (the task itself when 0)."""
     if offset == 0:
         return task
-    shifted = {k: OffsetLabels(getattr(task, k), offset) for k in ("train", "importance", "test")}
+    loaders = [k for k in ("train", "importance", "test", "validation") if getattr(task, k) is not None]
+    shifted = {k: OffsetLabels(getattr(task, k), offset) for k in loaders}
     return dataclasses.replace(task, **shifted)
 
 

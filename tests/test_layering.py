@@ -21,6 +21,8 @@ LAYERS = [
     "presets",
     "config",
     "mas",
+    "validation_scores",
+    "hparam_search",
     "main",
 ]
 # Command-line tools on top, with the data preparation behind data_prep.py: no training module

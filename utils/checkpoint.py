@@ -35,10 +35,17 @@ def _with_flags_added_later(stored: dict[str, Any]) -> dict[str, Any]:
     """``stored`` with the flags that a run of an earlier version of this program did not record,
     set to the value that computes what that version computed: such a run read its images from
     the files every epoch, took the explicit penalty step in fp32, trained a head per task (the task
-    scenario), and its importance pass read batches of ``--batch_size``. So a run begun before a flag
-    existed can be resumed (with ``--cache off`` where the new default differs), and is never silently
-    continued otherwise."""
-    added_later = {"amp": "off", "cache": "off", "penalty_step": "explicit", "scenario": "task"}
+    scenario), held out no validation images, searched no hyperparameters, and its importance pass read
+    batches of ``--batch_size``. So a run begun before a flag existed can be resumed (with ``--cache off``
+    where the new default differs), and is never silently continued otherwise."""
+    added_later = {
+        "amp": "off",
+        "cache": "off",
+        "penalty_step": "explicit",
+        "scenario": "task",
+        "val_fraction": 0.0,
+        "hparam_search": "off",
+    }
     if "batch_size" in stored:
         added_later["importance_batch_size"] = stored["batch_size"]
     return {**added_later, **stored}

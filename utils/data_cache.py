@@ -32,7 +32,11 @@ from utils import UserError
 from utils.image_decode import DecodedSplit, MixedSizes, PilTransform, Samples, decode_split, first_image
 
 CACHE_MODES = ("auto", "ram", "off")
-SPLITS_TO_DECODE = {"train": ("train", "test"), "test": ("test",)}  # what a loader of each split decodes
+SPLITS_TO_DECODE = {
+    "train": ("train", "test"),
+    "test": ("test",),
+    "validation": ("validation",),
+}  # what a loader of each split decodes
 
 
 def memory_budget() -> int | None:

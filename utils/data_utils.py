@@ -35,6 +35,7 @@ from utils.io_utils import load_json
 from utils.manifest import MANIFEST, check_manifest
 from utils.tensor_data import CachedLoader, SplitDataset
 from utils.tensor_transforms import BatchTransform, NormaliseBatch, PilPerSample, normalise, test_resize
+from utils.validation import hold_out_validation
 
 _TASK_DIR = re.compile(r"^Task_(\d+)$")
 
@@ -48,6 +49,7 @@ class TaskData:
     train: DataLoader  # training transforms, shuffled
     importance: DataLoader  # training images with test transforms (no augmentation), as the authors
     test: DataLoader
+    validation: DataLoader | None = None  # held-out training images, test transforms (--val_fraction)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class LoaderSettings:
     importance_batch_size: int | None = None  # None: batch_size
     cache: RunCache | None = None  # None: the files every epoch (--cache off)
     pin_memory: bool = False  # CUDA: batches in pinned memory, copied to the device with non_blocking
+    val_fraction: float = 0.0  # training images held out per class as validation (utils/validation.py)
+    seed: int = 0  # the run's --seed, which seeds the validation split
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
@@ -195,8 +199,7 @@ def sampling(dataset, batch_size: int, shuffle: bool) -> dict[str, Any]:
     return {"batch_sampler": sampler(dataset, batch_size, rank, size)}
 
 
-def _loader(folder: Path, transform, mode: str, batch_size: int, shuffle: bool, settings: LoaderSettings) -> DataLoader:
-    dataset = ImageFiles(str(folder), mode, transform)
+def _loader(dataset: ImageFiles, batch_size: int, shuffle: bool, settings: LoaderSettings) -> DataLoader:
     return InterruptibleLoader(
         dataset,
         **sampling(dataset, batch_size, shuffle),
@@ -219,10 +222,12 @@ def make_task_data(
     importance_batch_size: int | None = None,
     cache: RunCache | None = None,
     pin_memory: bool = False,
+    val_fraction: float = 0.0,
+    seed: int = 0,
 ) -> TaskData:
     """Loaders for one task. ``channels`` is what the model wants (AlexNet: 3); the importance loader
-    takes ``importance_batch_size`` (default ``batch_size``); ``cache``: see LoaderSettings."""
-    settings = LoaderSettings(batch_size, num_workers, importance_batch_size, cache, pin_memory)
+    takes ``importance_batch_size`` (default ``batch_size``); the others: see LoaderSettings."""
+    settings = LoaderSettings(batch_size, num_workers, importance_batch_size, cache, pin_memory, val_fraction, seed)
     entry = next(t for t in manifest["tasks"] if t["name"] == task_dir.name)
     classes = check_task(task_dir, entry["classes"])
     mean, std = _stats_for(manifest, channels)
@@ -235,30 +240,35 @@ def make_task_data(
         "importance": (task_dir / "train", test_tf, settings.importance_batch_size or settings.batch_size, False),
         "test": (task_dir / "test", test_tf, settings.batch_size, False),
     }
+    if settings.val_fraction > 0:
+        specs["validation"] = (task_dir / "train", test_tf, settings.batch_size, False)
+    files = {k: ImageFiles(str(f), mode, tf) for k, (f, tf, *_) in specs.items()}
+    task_no = manifest["tasks"].index(entry) + 1
+    hold_out_validation(files, settings.val_fraction, settings.seed, task_no, task_dir.name)
     if settings.cache is None or settings.cache.mode == "off":
-        loaders = {k: _loader(f, tf, mode, bs, shuffle, settings) for k, (f, tf, bs, shuffle) in specs.items()}
+        loaders = {k: _loader(files[k], bs, shuffle, settings) for k, (_, _, bs, shuffle) in specs.items()}
     else:
-        loaders = _cached_loaders(task_dir.name, specs, mode, None if augment else image_size, settings)
+        loaders = _cached_loaders(task_dir.name, files, specs, None if augment else image_size, settings)
     return TaskData(name=task_dir.name, classes=classes, **loaders)
 
 
 def _cached_loaders(
     task: str,
+    files: dict[str, ImageFiles],
     specs: dict[str, tuple],
-    mode: str,
     resize_to: int | None,
     settings: LoaderSettings,
 ) -> dict[str, CachedLoader]:
-    """The loaders of ``specs`` over the run's cache: a train and a test split, the importance loader
-    sharing the train split's images. ``resize_to``: data that is not augmented is resized once, while
+    """The loaders of ``specs`` over the run's cache: a train, a test (and a validation) split, the
+    importance loader sharing the train split's images. ``resize_to``: data that is not augmented is resized once, while
     decoding, by the file path's own PIL resize (None: augmented, kept as decoded)."""
     resize = None if resize_to is None else functools.partial(pil_resize, size=resize_to)
-    files = {k: ImageFiles(str(f), mode, tf) for k, (f, tf, *_) in specs.items()}
-    stores = {s: SplitStore(f"{task} {s}", files[s].samples, mode, resize) for s in ("train", "test")}
+    splits = [k for k in specs if k != "importance"]
+    stores = {s: SplitStore(f"{task} {s}", files[s].samples, files[s].mode, resize) for s in splits}
     settings.cache.add(task, stores)
     loaders = {}
     for kind, (_, file_transform, batch_size, shuffle) in specs.items():
-        split = "test" if kind == "test" else "train"
+        split = "train" if kind == "importance" else kind
         dataset = SplitDataset(files[kind], stores[split], _memory_transform(file_transform, resize_to is None))
         loaders[kind] = CachedLoader(
             dataset,
