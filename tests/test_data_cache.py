@@ -230,7 +230,7 @@ def test_a_damaged_image_is_one_line_naming_it(tmp_path, capsys, name, cache):
     data = write_dataset(tmp_path / "Data")
     bad = _damage(data, "Task_2/test/c2_1", name)
     with pytest.raises(SystemExit) as exc:
-        _run(data, tmp_path / "m", "--cache", cache)
+        _run(data, tmp_path / "m", "--cache", cache, "--verbose")
     assert exc.value.code == 1
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and err.startswith(f"error: corrupt or unreadable image {bad}: ")
