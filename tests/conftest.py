@@ -15,6 +15,27 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+# The quick tier (`python3 -m pytest -m "not slow"`) leaves out these modules, which start real processes
+# (main.py, torchrun ranks, sweeps, signals) or train AlexNet; tests elsewhere may carry @pytest.mark.slow.
+SLOW_MODULES = {
+    "test_checkpoint_every",
+    "test_distributed",
+    "test_error_exit",
+    "test_gpu_check",
+    "test_hparam_search",
+    "test_interrupts",
+    "test_locks",
+    "test_reliability",
+    "test_scenarios_distributed",
+    "test_startup",
+    "test_sweep",
+}
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 def write_dataset(
