@@ -25,7 +25,7 @@ from methods import method_class
 from scenario import DESCRIPTIONS, class_counts, scenario_tasks
 from task_agnostic import TAG_METRICS, record_task_agnostic, start_task_agnostic
 from utils import Diverged, UserError, distributed, interrupt
-from utils.checkpoint import CHECKPOINT, argument_differences, load_checkpoint, remove_checkpoint
+from utils.checkpoint import CHECKPOINT, Checkpoint, argument_differences, load_checkpoint, remove_checkpoint
 from utils.data_cache import RunCache
 from utils.data_files import check_data_files, record_data_files
 from utils.data_utils import make_task_data, task_dirs
@@ -68,14 +68,14 @@ def format_table(rows: list[ForgettingRow]) -> str:
     return "\n".join(lines)
 
 
-def _resume_run(config: RunConfig, models_dir: Path) -> tuple[RunState, dict | None]:
+def _resume_run(config: RunConfig, models_dir: Path) -> tuple[RunState, Checkpoint | None]:
     results = load_results(models_dir)
     checkpoint = load_checkpoint(models_dir)
     if results is None and checkpoint is None:
         raise UserError(f"nothing to resume in {models_dir}: it holds neither {RESULTS} nor {CHECKPOINT}")
-    if results is not None and checkpoint is not None and argument_differences(checkpoint["args"], results["args"]):
+    if results is not None and checkpoint is not None and argument_differences(checkpoint.args, results["args"]):
         raise UserError(f"{models_dir / CHECKPOINT} belongs to another run than {models_dir / RESULTS}")
-    stored = results["args"] if results is not None else checkpoint["args"]
+    stored = results["args"] if results is not None else checkpoint.args
     differences = argument_differences(stored, config.recorded())
     if differences:
         raise UserError(f"--resume with arguments that differ from the run in {models_dir}: " + "; ".join(differences))
@@ -85,7 +85,7 @@ def _resume_run(config: RunConfig, models_dir: Path) -> tuple[RunState, dict | N
         results.setdefault("scenario", "task")  # a run recorded before --scenario existed
     state = RunState(config, results if results is not None else _new_results(config))
     state.load_finished(models_dir)
-    if checkpoint is not None and checkpoint["task"] <= state.finished:
+    if checkpoint is not None and checkpoint.task <= state.finished:
         checkpoint = None  # the task finished; only the checkpoint's removal was interrupted
     return state, checkpoint
 
@@ -118,7 +118,7 @@ def _prepare_models_dir(config: RunConfig, lock: FolderLock) -> None:
         remove_previous_run(models_dir)
 
 
-def open_run(config: RunConfig, lock: FolderLock) -> tuple[RunState, dict | None]:
+def open_run(config: RunConfig, lock: FolderLock) -> tuple[RunState, Checkpoint | None]:
     """The run so far and the checkpoint of an unfinished task (``--resume``), or a fresh run; rank 0
     holds ``lock`` on the models folder from here on."""
     distributed.on_writer(lambda: _prepare_models_dir(config, lock))  # an error reaches every rank
@@ -163,7 +163,7 @@ def _load_tasks(config: RunConfig, device: torch.device) -> list:
     return scenario_tasks(config.scenario, tasks, class_counts(manifest))
 
 
-def _train_task(state: RunState, task_no: int, task, device: torch.device, checkpoint: dict | None):
+def _train_task(state: RunState, task_no: int, task, device: torch.device, checkpoint: Checkpoint | None):
     """Train one task (with the learning rate and lambda --hparam_search chooses); a run that diverges
     says so in results.json before it stops."""
     try:
@@ -185,7 +185,7 @@ def _task_line(task, result, seconds: float, resumed: str) -> str:
     )
 
 
-def _train_tasks(state: RunState, tasks: list, device: torch.device, checkpoint: dict | None) -> list | None:
+def _train_tasks(state: RunState, tasks: list, device: torch.device, checkpoint: Checkpoint | None) -> list | None:
     """Train the unfinished tasks; the last forgetting rows computed (None if no task ran)."""
     config, rows = state.config, None
     for task_no, task in enumerate(tasks, start=1):
@@ -193,8 +193,8 @@ def _train_tasks(state: RunState, tasks: list, device: torch.device, checkpoint:
             say(f"== {task.name}: finished in the interrupted run, kept ==")
             continue
         interrupt.check_everywhere()
-        resume = checkpoint if checkpoint is not None and checkpoint["task"] == task_no else None
-        resumed = f", resuming after epoch {resume['epoch'] + 1}" if resume else ""
+        resume = checkpoint if checkpoint is not None and checkpoint.task == task_no else None
+        resumed = f", resuming after epoch {resume.epoch + 1}" if resume else ""
         if config.verbose:
             say(f"== {task.name}: {len(task.classes)} classes, {len(task.train.dataset)} training images{resumed} ==")
         tic = time.perf_counter()

@@ -29,6 +29,7 @@ from model_train import Precision, evaluate, make_precision, seed_everything, tr
 from optimizer_lib import LocalSgd
 from reg_params import (
     RegParams,
+    at_task_start,
     check_reg_params,
     consolidate_reg_params,
     init_reg_params,
@@ -38,7 +39,7 @@ from reg_params import (
 )
 from scenario import check_loaded_heads, class_counts, scoring_head, start_head
 from utils import Diverged, distributed
-from utils.checkpoint import CHECKPOINT, check_optimizer_state, rank_rng, restore_rng, rng_state, save_checkpoint
+from utils.checkpoint import CHECKPOINT, Checkpoint, check_optimizer_state, restore_rng, rng_state, save_checkpoint
 from utils.data_utils import TaskData
 from utils.model_utils import (
     check_tensors,
@@ -131,7 +132,7 @@ def task_seed(seed: int, task_no: int) -> int:
     return seed * 10_007 + task_no
 
 
-def _start_task(state: RunState, task_no: int, task: TaskData, checkpoint: dict | None):
+def _start_task(state: RunState, task_no: int, task: TaskData, checkpoint: Checkpoint | None):
     """Model and reg_params at the start of the task, or where the checkpoint left them. The task
     trains a new trunk with the previous task's weights: the run's trunk changes only when the task
     is finished, and building it draws from the task's RNG stream as every task always has."""
@@ -144,16 +145,17 @@ def _start_task(state: RunState, task_no: int, task: TaskData, checkpoint: dict 
     model = TaskModel(shared, head)
     if checkpoint is not None:
         where = checkpoint_path(state.config)
-        check_tensors(checkpoint["model"], model.state_dict(), f"{where}: the model")
-        model.load_state_dict(checkpoint["model"])
-        check_reg_params(checkpoint["reg_params"], shared, f"{where}: reg_params")
-        return model, checkpoint["reg_params"]
+        check_tensors(checkpoint.model, model.state_dict(), f"{where}: the model")
+        model.load_state_dict(checkpoint.model)
+        reg_params = at_task_start(checkpoint.reg_params)
+        check_reg_params(reg_params, shared, f"{where}: reg_params")
+        return model, reg_params
     if task_no == 1:
         return model, init_reg_params(shared)
     return model, init_reg_params_across_tasks(state.reg_params, shared)
 
 
-def _optimizer(model: TaskModel, config: RunConfig, checkpoint: dict | None) -> LocalSgd:
+def _optimizer(model: TaskModel, config: RunConfig, checkpoint: Checkpoint | None) -> LocalSgd:
     """LocalSgd over the trainable parameters, with the checkpoint's momentum buffers and SI path
     integral (checked against the parameters); the hyperparameters are always the run's."""
     params = list(trainable_parameters(model).values())
@@ -166,7 +168,7 @@ def _optimizer(model: TaskModel, config: RunConfig, checkpoint: dict | None) -> 
         penalty_step=config.penalty_step,
     )
     if checkpoint is not None:
-        state = check_optimizer_state(checkpoint["optimizer"]["state"], params, f"{checkpoint_path(config)}: optimizer")
+        state = check_optimizer_state(checkpoint.optimizer_state, params, f"{checkpoint_path(config)}: optimizer")
         optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     return optimizer
 
@@ -175,13 +177,13 @@ def checkpoint_path(config: RunConfig) -> Path:
     return Path(config.models_dir) / CHECKPOINT
 
 
-def _restore(checkpoint: dict | None, precision: Precision) -> None:
+def _restore(checkpoint: Checkpoint | None, precision: Precision) -> None:
     """This rank's RNG states and fp16's gradient scale, as the checkpoint left them."""
     if checkpoint is None:
         return
-    restore_rng(rank_rng(checkpoint, distributed.rank()))
-    if precision.scaler is not None and checkpoint.get("scaler"):
-        precision.scaler.load_state_dict(checkpoint["scaler"])
+    restore_rng(checkpoint.rng(distributed.rank()))
+    if precision.scaler is not None and checkpoint.scaler:
+        precision.scaler.load_state_dict(checkpoint.scaler)
 
 
 def _checkpointer(state: RunState, task_no: int, model, optimizer, reg_params, precision: Precision):
@@ -227,7 +229,7 @@ def train_task(
     task_no: int,
     task: TaskData,
     device: torch.device,
-    checkpoint: dict | None = None,
+    checkpoint: Checkpoint | None = None,
     hyper: RunConfig | None = None,
     checkpoints: bool = True,
 ) -> TrainedTask:
@@ -253,8 +255,8 @@ def train_task(
         config.num_epochs,
         config.init_lr,
         device,
-        start_epoch=0 if checkpoint is None else checkpoint["epoch"] + 1,
-        history=None if checkpoint is None else checkpoint["history"],
+        start_epoch=0 if checkpoint is None else checkpoint.epoch + 1,
+        history=None if checkpoint is None else checkpoint.history,
         on_epoch_end=_checkpointer(state, task_no, model, optimizer, reg_params, precision) if checkpoints else None,
         precision=precision,
         verbose=config.verbose,
@@ -267,7 +269,7 @@ def mas_train(
     task_no: int,
     task: TaskData,
     device: torch.device,
-    checkpoint: dict | None = None,
+    checkpoint: Checkpoint | None = None,
     hyper: RunConfig | None = None,
 ) -> TaskResult:
     """Train task ``task_no`` (1-based), from its start or from ``checkpoint``, checkpointing after

@@ -104,6 +104,12 @@ def penalty_stiffness(reg_params: RegParams, lr: float, reg_lambda: float) -> fl
     return lr * 2.0 * reg_lambda * largest
 
 
+def at_task_start(stored: dict[str, dict[str, torch.Tensor]]) -> RegParams:
+    """reg_params as a task starts, from the Omega and theta* a checkpoint stores: at a task's start
+    prev_omega == omega (see init_reg_params_across_tasks), so a checkpoint stores Omega once."""
+    return {name: {**entry, "prev_omega": entry["omega"].clone()} for name, entry in stored.items()}
+
+
 def check_reg_params(reg_params: object, shared: nn.Module, what: str) -> None:
     """Names, keys and shapes must match the trainable parameters of ``shared``."""
     if not isinstance(reg_params, dict) or not all(isinstance(k, str) for k in reg_params):

@@ -80,14 +80,14 @@ def test_sigkill_in_task_2_then_resume_equals_an_uninterrupted_run(slow_data, re
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     checkpoint = load_checkpoint(models)
-    assert checkpoint["task"] == 2 and 1 <= checkpoint["epoch"] + 1 < 6  # killed in the middle of task 2
+    assert checkpoint.task == 2 and 1 <= checkpoint.epoch + 1 < 6  # killed in the middle of task 2
     assert (models / "Task_1" / "performance.txt").exists() and not (models / "Task_2").exists()
     partial = json.loads((models / "results.json").read_text())  # the killed run's results up to task 1
     assert [t["task"] for t in partial["tasks"]] == [1] and len(partial["accuracy_matrix"]) == 1
     resumed = _main_process(slow_data, models, "--resume")
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
-    assert f"resuming after epoch {checkpoint['epoch'] + 1}" in out
+    assert f"resuming after epoch {checkpoint.epoch + 1}" in out
     assert "Task_1: finished in the interrupted run, kept" in out
     assert _table(out) == reference[1]
     _assert_same_artefacts(models, reference[0])
@@ -105,7 +105,7 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(slow_data, reference, tmp_path)
     assert "Traceback" not in err
     command = err.strip().splitlines()[-1].strip()
     assert command.startswith("python3 main.py ") and command.endswith(" --resume")
-    assert load_checkpoint(models)["task"] == 2
+    assert load_checkpoint(models).task == 2
     resumed = subprocess.run([sys.executable, *command.split()[1:]], capture_output=True, text=True, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr
     assert _table(resumed.stdout) == reference[1]
@@ -235,8 +235,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
         "and --overwrite"
     )
     checkpoint = load_checkpoint(tmp_path / "m")
-    assert (checkpoint["task"], checkpoint["epoch"]) == (1, 0)
-    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+    assert (checkpoint.task, checkpoint.epoch) == (1, 0)
+    assert all(torch.isfinite(t).all() for t in checkpoint.model.values())
     diverged = json.loads((tmp_path / "m" / "results.json").read_text())["diverged"]
     assert diverged == {"task": 1, "message": err.removeprefix("error: ")}
 

@@ -12,6 +12,7 @@ and read back with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,16 +76,6 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
-
-
-def rank_rng(checkpoint: dict[str, Any], rank: int) -> dict[str, Any]:
-    """The RNG states this rank saved (every rank's are kept when several ran)."""
-    per_rank = checkpoint.get("rng_per_rank")
-    if per_rank is None:
-        return checkpoint["rng"]
-    if rank >= len(per_rank):
-        raise UserError(f"the checkpoint holds the RNG states of {len(per_rank)} ranks, not of rank {rank}")
-    return per_rank[rank]
 
 
 def restore_rng(state: dict[str, Any]) -> None:
@@ -158,9 +149,50 @@ def _own_storages(payload: Any) -> Any:
     return payload
 
 
-def load_checkpoint(models_dir: str | Path, quick: bool = False) -> dict[str, Any] | None:
-    """The checkpoint of ``models_dir``, every entry checked (``quick``: only that it is one of this
-    program's, memory-mapped, for recognising a run folder); None if there is none."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """The state after epoch ``epoch`` (0-based) of task ``task``, as loaded and checked: what resuming
+    the task needs. Its tensors are checked against the model by the task runner (mas.py), and its
+    ``reg_params`` hold Omega and theta* as stored (reg_params.at_task_start restores the rest)."""
+
+    path: Path
+    task: int
+    epoch: int
+    args: dict[str, Any]  # the run's recorded arguments
+    model: dict[str, torch.Tensor]  # trunk and head
+    optimizer_state: dict[int, dict[str, torch.Tensor]]  # LocalSgd's per-parameter state, by index
+    reg_params: dict[str, dict[str, torch.Tensor]]  # name -> {"omega", "init_val"}
+    history: list[dict]  # every finished epoch of the task
+    rng_per_rank: list[dict[str, Any]]  # every rank's RNG states (one entry without torchrun)
+    scaler: dict | None  # fp16's gradient scaler
+
+    def rng(self, rank: int) -> dict[str, Any]:
+        """The RNG states this rank saved."""
+        if rank >= len(self.rng_per_rank):
+            raise UserError(
+                f"the checkpoint holds the RNG states of {len(self.rng_per_rank)} ranks, not of rank {rank}"
+            )
+        return self.rng_per_rank[rank]
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], path: Path) -> Checkpoint:
+        return cls(
+            path=path,
+            task=payload["task"],
+            epoch=payload["epoch"],
+            args=payload["args"],
+            model=payload["model"],
+            optimizer_state=payload["optimizer"]["state"],
+            reg_params=payload["reg_params"],
+            history=payload["history"],
+            rng_per_rank=payload.get("rng_per_rank") or [payload["rng"]],
+            scaler=payload.get("scaler") or None,
+        )
+
+
+def load_checkpoint(models_dir: str | Path, quick: bool = False) -> Checkpoint | dict[str, Any] | None:
+    """The checkpoint of ``models_dir``, every entry checked; None if there is none. ``quick``: the raw
+    payload, only checked to be one of this program's, memory-mapped, for recognising a run folder."""
     path = Path(models_dir) / CHECKPOINT
     if not path.exists():
         return None
@@ -170,9 +202,7 @@ def load_checkpoint(models_dir: str | Path, quick: bool = False) -> dict[str, An
     if quick:
         return checkpoint
     _check_checkpoint(checkpoint, str(path))
-    for entry in checkpoint["reg_params"].values():
-        entry["prev_omega"] = entry["omega"].clone()
-    return checkpoint
+    return Checkpoint.from_payload(checkpoint, path)
 
 
 def _check_checkpoint(checkpoint: dict[str, Any], where: str) -> None:
