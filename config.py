@@ -46,42 +46,154 @@ MAX_TRIES = 1_000
 HPARAM_SEARCHES = ("off", "chf")
 
 
+DESCRIPTION = """Train a sequence of tasks with Memory Aware Synapses (Aljundi et al., ECCV 2018) or a baseline,
+and print how much each task was forgotten.
+
+  python3 data_prep.py --dataset digits && python3 main.py --reg_lambda 0.2      # offline, CPU
+  python3 data_prep.py && python3 main.py --use_gpu --reg_lambda 0.01            # Tiny-ImageNet, AlexNet
+  torchrun --standalone --nproc_per_node 4 main.py --use_gpu                     # 4 GPUs
+
+A flag given here wins over the data set's presets (presets.py), which win over the defaults shown.
+Documentation: README.md and docs/usage.md."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--use_gpu", action="store_true", help="train on CUDA; an error if CUDA is absent (default: %(default)s)"
+    p = OneLineParser(prog="main.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _data_flags(
+        p.add_argument_group("data", "where the tasks are read and the artefacts written, and how images are loaded")
     )
-    p.add_argument("--batch_size", type=int_between(1, MAX_BATCH), default=8, help="batch size (default: %(default)s)")
-    p.add_argument(
+    _model_flags(p.add_argument_group("model", "the trunk"))
+    _optimisation_flags(
+        p.add_argument_group(
+            "optimisation", "SGD with momentum, the learning-rate schedule of the seed (x0.1 every 20 epochs)"
+        )
+    )
+    _method_flags(
+        p.add_argument_group(
+            "method", "the importance Omega and the penalty reg_lambda * sum Omega (theta - theta*)^2 (Eq. 3)"
+        )
+    )
+    protocol = p.add_argument_group(
+        "protocol", "how tasks are presented and scored, validation and hyperparameter search"
+    )
+    _protocol_flags(protocol)
+    _add_validation_args(protocol)
+    _add_chf_args(p.add_argument_group("--hparam_search chf", "the Continual Hyperparameter Framework's settings"))
+    _run_flags(p.add_argument_group("run management", "resume, overwrite, checkpoints and what the terminal shows"))
+    _device_flags(
+        p.add_argument_group(
+            "devices", "one process on the CPU or a GPU; under torchrun one process per device (docs/distributed.md)"
+        )
+    )
+    for name in methods.method_names():
+        methods.method_class(name).add_args(p.add_argument_group(f"--method {name}"))
+    return p
+
+
+def _data_flags(g) -> None:
+    g.add_argument(
+        "--data_dir", default="Data", help="task folders and manifest from data_prep.py (default: %(default)s)"
+    )
+    g.add_argument("--models_dir", default="models", help="where the artefacts of every task go (default: %(default)s)")
+    g.add_argument(
+        "--image_size",
+        type=int_between(1, MAX_IMAGE_SIZE),
+        default=None,
+        help="input size in pixels (default: %(default)s, i.e. 224 for alexnet as the seed, the stored size otherwise)",
+    )
+    g.add_argument(
+        "--num_workers",
+        type=int_between(0, MAX_WORKERS),
+        default=2,
+        help="data loading processes (default: %(default)s)",
+    )
+    g.add_argument(
+        "--cache",
+        choices=CACHE_MODES,
+        default="auto",
+        help="ram: decode each task's images once into memory; off: read the files every epoch; auto: ram while "
+        "a task fits a quarter of the machine's RAM, else off (default: %(default)s)",
+    )
+
+
+def _model_flags(g) -> None:
+    g.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default=None,
+        help="trunk (default: %(default)s, i.e. the data set's preset in presets.py: mlp for digits and MNIST, "
+        "convnet for CIFAR, alexnet otherwise)",
+    )
+    g.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start AlexNet from torchvision's ImageNet weights (default: %(default)s)",
+    )
+    g.add_argument(
         "--num_freeze_layers",
         type=int_between(0, MAX_LAYERS),
         default=2,
         help="freeze the first k layers of the trunk in every task: AlexNet convolutions, "
         "or MLP Linear layers, from the input (default: %(default)s)",
     )
-    p.add_argument(
+
+
+def _optimisation_flags(g) -> None:
+    g.add_argument(
         "--num_epochs", type=int_between(1, MAX_EPOCHS), default=10, help="epochs per task (default: %(default)s)"
     )
-    p.add_argument(
+    g.add_argument("--batch_size", type=int_between(1, MAX_BATCH), default=8, help="batch size (default: %(default)s)")
+    g.add_argument(
         "--init_lr",
         type=positive_float,
         default=0.001,
         help="initial learning rate, x0.1 every 20 epochs (default: %(default)s)",
     )
-    p.add_argument(
-        "--reg_lambda",
-        type=at_least(0.0),
-        default=0.01,
-        help="weight of the MAS penalty sum Omega (theta - theta*)^2 (default: %(default)s)",
+    g.add_argument("--momentum", type=unit_interval, default=0.9, help="SGD momentum (default: %(default)s)")
+    g.add_argument("--weight_decay", type=at_least(0.0), default=0.0, help="L2 weight decay (default: %(default)s)")
+    g.add_argument(
+        "--amp",
+        choices=tuple(AMP_DTYPES),
+        default="off",
+        help="mixed precision of the training forward pass: bf16, or fp16 with gradient scaling; the importance "
+        "pass always runs in float32 (default: %(default)s, i.e. float32 as the seed)",
     )
+    g.add_argument("--seed", type=seed, default=0, help="seed of every random number generator (default: %(default)s)")
+
+
+def _method_flags(g) -> None:
     names = methods.method_names()
-    p.add_argument(
+    g.add_argument(
         "--method",
         choices=names,
         default="mas",
         help="; ".join(f"{n}: {methods.method_class(n).summary}" for n in names) + " (default: %(default)s)",
     )
-    p.add_argument(
+    g.add_argument(
+        "--reg_lambda",
+        type=at_least(0.0),
+        default=0.01,
+        help="weight of the MAS penalty sum Omega (theta - theta*)^2 (default: %(default)s)",
+    )
+    g.add_argument(
+        "--penalty_step",
+        choices=PENALTY_STEPS,
+        default="explicit",
+        help="explicit: add the penalty's gradient to the SGD step (the paper, the authors' code); proximal: "
+        "apply the penalty by its exact proximal map after the data step, stable for any lambda (default: %(default)s)",
+    )
+    g.add_argument(
+        "--importance_batch_size",
+        type=int_between(1, MAX_BATCH),
+        default=None,
+        help="batch size of the importance pass; the batch estimator of --method mas depends on it "
+        "(default: %(default)s, i.e. --batch_size)",
+    )
+
+
+def _protocol_flags(g) -> None:
+    g.add_argument(
         "--scenario",
         choices=SCENARIOS,
         default="task",
@@ -89,105 +201,50 @@ def build_parser() -> argparse.ArgumentParser:
         "all tasks; class: one head over every class seen so far, scored with no task given (van de Ven & "
         "Tolias 2019; see docs/scenarios.md) (default: %(default)s)",
     )
-    p.add_argument(
-        "--penalty_step",
-        choices=PENALTY_STEPS,
-        default="explicit",
-        help="explicit: add the penalty's gradient to the SGD step (the paper, the authors' code); proximal: "
-        "apply the penalty by its exact proximal map after the data step, stable for any lambda (default: %(default)s)",
-    )
-    p.add_argument(
-        "--amp",
-        choices=tuple(AMP_DTYPES),
-        default="off",
-        help="mixed precision of the training forward pass: bf16, or fp16 with gradient scaling; the importance "
-        "pass always runs in float32 (default: %(default)s, i.e. float32 as the seed)",
-    )
-    p.add_argument(
-        "--data_dir", default="Data", help="task folders and manifest from data_prep.py (default: %(default)s)"
-    )
-    p.add_argument("--models_dir", default="models", help="where the artefacts of every task go (default: %(default)s)")
-    p.add_argument(
-        "--arch",
-        choices=ARCHS,
-        default=None,
-        help="trunk (default: %(default)s, i.e. the data set's preset in presets.py: mlp for digits and MNIST, "
-        "convnet for CIFAR, alexnet otherwise)",
-    )
-    p.add_argument("--momentum", type=unit_interval, default=0.9, help="SGD momentum (default: %(default)s)")
-    p.add_argument("--weight_decay", type=at_least(0.0), default=0.0, help="L2 weight decay (default: %(default)s)")
-    p.add_argument(
-        "--pretrained",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="start AlexNet from torchvision's ImageNet weights (default: %(default)s)",
-    )
-    p.add_argument(
-        "--image_size",
-        type=int_between(1, MAX_IMAGE_SIZE),
-        default=None,
-        help="input size in pixels (default: %(default)s, i.e. 224 for alexnet as the seed, the stored size otherwise)",
-    )
-    p.add_argument(
-        "--num_workers",
-        type=int_between(0, MAX_WORKERS),
-        default=2,
-        help="data loading processes (default: %(default)s)",
-    )
-    p.add_argument(
-        "--cache",
-        choices=CACHE_MODES,
-        default="auto",
-        help="ram: decode each task's images once into memory; off: read the files every epoch; auto: ram while "
-        "a task fits a quarter of the machine's RAM, else off (default: %(default)s)",
-    )
-    p.add_argument(
-        "--importance_batch_size",
-        type=int_between(1, MAX_BATCH),
-        default=None,
-        help="batch size of the importance pass; the batch estimator of --method mas depends on it "
-        "(default: %(default)s, i.e. --batch_size)",
-    )
-    p.add_argument("--seed", type=seed, default=0, help="seed of every random number generator (default: %(default)s)")
-    p.add_argument(
+    g.add_argument(
         "--eval_every_task",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="after every task, score all tasks seen so far (the full accuracy matrix); "
         "without it only the diagonal and the last row (default: %(default)s)",
     )
-    p.add_argument(
-        "--plot",
-        action="store_true",
-        help="write the accuracy-matrix heatmap and the before/after bar chart to <models_dir>/plots "
-        "(default: %(default)s)",
-    )
-    p.add_argument(
+
+
+def _run_flags(g) -> None:
+    g.add_argument(
         "--resume", action="store_true", help="continue the interrupted run in --models_dir (default: %(default)s)"
     )
-    p.add_argument(
+    g.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the artefacts of an earlier run in --models_dir (default: %(default)s)",
     )
-    p.add_argument(
+    g.add_argument(
         "--checkpoint_every",
         type=int_between(1, MAX_EPOCHS),
         default=1,
         help="write the resume checkpoint after every N-th epoch of a task and after its last one; an "
         "interrupted run resumes, bit-identical, from the last one written (default: %(default)s)",
     )
-    p.add_argument(
+    g.add_argument(
+        "--plot",
+        action="store_true",
+        help="write the accuracy-matrix heatmap and the before/after bar chart to <models_dir>/plots "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
         "--verbose",
         action="store_true",
         help="print every epoch's line (training loss, train accuracy, learning rate); without it, one line "
         "per task (default: %(default)s)",
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors (default: %(default)s)")
-    _add_validation_args(p)
-    for name in names:
-        methods.method_class(name).add_args(p.add_argument_group(f"--method {name}"))
-    return p
+    g.add_argument("--debug", action="store_true", help="show tracebacks of errors (default: %(default)s)")
+
+
+def _device_flags(g) -> None:
+    g.add_argument(
+        "--use_gpu", action="store_true", help="train on CUDA; an error if CUDA is absent (default: %(default)s)"
+    )
 
 
 def _add_validation_args(p: argparse.ArgumentParser) -> None:
@@ -207,7 +264,6 @@ def _add_validation_args(p: argparse.ArgumentParser) -> None:
         help="chf: choose each task's --init_lr and --reg_lambda on the validation set by the Continual "
         "Hyperparameter Framework (De Lange et al., TPAMI 2021); needs --val_fraction > 0 (default: %(default)s)",
     )
-    _add_chf_args(p.add_argument_group("--hparam_search chf"))
 
 
 def _add_chf_args(g) -> None:

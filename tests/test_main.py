@@ -250,3 +250,19 @@ def test_the_files_on_disk_reproduce_the_table_scored_in_memory(tiny_data, tmp_p
     assert from_files == results["accuracy_matrix"][-1] == [r["now"] for r in results["forgetting"]]
     performance = [float((models / f"Task_{t}" / "performance.txt").read_text()) for t in (1, 2)]
     assert performance == pytest.approx([r["after_training"] for r in results["forgetting"]], abs=1e-6)
+
+
+def test_help_is_grouped_for_a_user(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert text.index("Train a sequence of tasks with Memory Aware Synapses") < text.index("data:")
+    titles = ["data:", "model:", "optimisation:", "method:", "protocol:", "run management:", "devices:"]
+    positions = [text.index(f"\n{title}\n") for title in titles]
+    assert positions == sorted(positions)
+    flags = {"data:": "--cache", "model:": "--arch", "optimisation:": "--init_lr", "method:": "--reg_lambda"}
+    flags |= {"protocol:": "--scenario", "run management:": "--resume", "devices:": "--use_gpu"}
+    for title, next_title in zip(titles, [*titles[1:], "--method mas"]):
+        section = text[text.index(f"\n{title}\n") : text.index(f"\n{next_title}")]
+        assert flags[title] in section, title
