@@ -12,7 +12,7 @@ from pathlib import Path
 from mas_data.build import error_line, prepare
 from mas_data.flags import DATASETS, MAX_RETRIES, MAX_TASKS, SCENARIOS
 from mas_data.tiny_imagenet import TINY_MD5, TINY_URL
-from utils.cli import int_between, seed
+from utils.cli import OneLineParser, int_between, seed
 
 DESCRIPTION = """\
 Prepare the task sequences of the Memory Aware Synapses experiments (Aljundi et al., ECCV 2018):
@@ -38,11 +38,6 @@ examples:
 CIFAR_HELP = "cifar10 is always 5 tasks of 2 classes;\ncifar100 takes --num_tasks (10, 20 or another divisor of 100)"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def _angle(text: str) -> float:
     try:
         value = float(text)
@@ -60,7 +55,12 @@ def _md5_hex(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="data_prep.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(
+        error_prefix="error:",
+        prog="data_prep.py",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     general = p.add_argument_group("general")
     general.add_argument(
         "--dataset",

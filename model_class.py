@@ -6,7 +6,7 @@ shared trunk carries over from task to task and is what MAS protects, and each
 task keeps its own head. The function whose sensitivity MAS measures (Eq. 4) is
 this composition, F(x) = head_t(shared(x)).
 
-Two trunks:
+Three trunks:
 - ``alexnet``: torchvision's AlexNet without its last Linear layer, so its output
   is the 4096-d fc7 activation; the head is ``Linear(4096, n_classes)``.
 - ``mlp``: flatten -> Linear(d, 256) -> ReLU -> Linear(256, 256) -> ReLU, for

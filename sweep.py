@@ -58,6 +58,7 @@ from config import build_parser, given_flags, parse_config
 from methods import method_class, method_names
 from utils import UserError
 from utils.checkpoint import CHECKPOINT, argument_differences
+from utils.cli import OneLineParser, at_least
 from utils.folder_lock import LOCK_FILE, FolderLock, locked_by
 from utils.io_utils import load_json, save_json, save_text
 from utils.results import format_pp, load_results, summarize
@@ -222,27 +223,18 @@ def _entry_lambda(text: str, where: str) -> float:
         raise FlagError(f"{where}: --reg_lambda {text}: must be a finite number >= 0") from None
 
 
-def _lambda(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _jobs(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        self.exit(2, f"error: {message} (see python3 sweep.py --help; main.py's flags go after --)\n")
+_lambda = at_least(0.0)  # what main.py's --reg_lambda takes
+_jobs = at_least(1, int)
 
 
 def build_sweep_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python3 sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(
+        error_prefix="error:",
+        hint="see python3 sweep.py --help; main.py's flags go after --",
+        prog="python3 sweep.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "--methods",
         nargs="+",

@@ -28,10 +28,10 @@ from torch import nn
 from tqdm import tqdm
 
 import importance
+from importance import Importance  # noqa: F401 (the methods' type, from where estimators define it)
 from model_class import trainable_parameters
 from reg_params import RegParams, attach_importance, penalty_stiffness
 
-Importance = dict[str, torch.Tensor]
 REGISTRY: dict[str, type[Method]] = {}
 
 

@@ -15,10 +15,16 @@ FLOAT_MAX = 1e30
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage block)."""
+    """An ArgumentParser whose errors are one line (no usage block), for every command of the project:
+    ``<prefix> <message> (<hint>)``; the prefix defaults to "<prog>: error:"."""
+
+    def __init__(self, *args, error_prefix: str | None = None, hint: str = "see --help", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.error_prefix, self.hint = error_prefix, hint
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        prefix = f"{self.prog}: error:" if self.error_prefix is None else self.error_prefix
+        self.exit(2, f"{prefix} {message} ({self.hint})\n")
 
 
 def _number(text: str, kind: type) -> float | int:
