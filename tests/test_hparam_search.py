@@ -115,9 +115,10 @@ def test_finetune_searches_only_the_learning_rate(data, tmp_path, capsys):
 def test_a_search_killed_after_its_first_trial_resumes_to_the_same_run(data, reference, tmp_path):
     models = tmp_path / "models"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # the second atomic write is accuracy_matrix.csv, right after results.json holds the first trial
+    # the atomic writes: data_files.json (the run's record of its images), results.json holding the first trial,
+    # then accuracy_matrix.csv: killed as the third begins
     killed = subprocess.run(
-        [sys.executable, "-c", DRIVER, "save:2", "SIGKILL", *_argv(data, models)],
+        [sys.executable, "-c", DRIVER, "save:3", "SIGKILL", *_argv(data, models)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, start_new_session=True,
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
