@@ -27,9 +27,9 @@ from presets import presets_for
 from scenario import SCENARIOS, check_scenario
 from utils import UserError
 from utils.cli import OneLineParser, at_least, int_between, positive_float, seed, unit_interval
-from utils.data_cache import CACHE_MODES
-from utils.data_utils import data_fingerprint, read_manifest
-from utils.manifest import MAX_IMAGE_SIZE  # the manifest's stored size is bounded as this flag is
+from utils.data.cache import CACHE_MODES
+from utils.data.manifest import MAX_IMAGE_SIZE  # the manifest's stored size is bounded as this flag is
+from utils.data.tasks import data_fingerprint, read_manifest
 
 # Flags that are not part of what a run computes: never recorded, never compared on --resume.
 # --checkpoint_every only sets how often the exact resume point is written: a resume may change it.
@@ -328,7 +328,7 @@ class RunConfig:
     pretrained: bool
     image_size: int  # resolved: 224 for alexnet unless given, else the stored size
     num_workers: int
-    cache: str  # auto, ram or off (utils/data_cache.py)
+    cache: str  # auto, ram or off (utils/data/cache.py)
     importance_batch_size: int  # resolved: --batch_size unless given
     seed: int
     eval_every_task: bool
@@ -344,7 +344,7 @@ class RunConfig:
     manifest: Mapping[str, Any] = field(repr=False, compare=False)
     applied_defaults: Mapping[str, Any] = field(default_factory=dict, compare=False)
     world_size: int = 1  # processes under torchrun; --batch_size is the global batch, shared among them
-    val_fraction: float = 0.0  # training images held out per class as validation (utils/validation.py)
+    val_fraction: float = 0.0  # training images held out per class as validation (utils/data/validation.py)
     hparam_search: str = "off"  # off, or chf (hparam_search.py)
     search_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # the --chf_ flags
 

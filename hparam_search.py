@@ -32,9 +32,10 @@ from config import RunConfig
 from mas import RunState, train_task
 from methods import method_class
 from model_train import evaluate
-from utils import Diverged, UserError, distributed
-from utils.data_utils import TaskData
-from utils.results import save_results
+from utils import Diverged, UserError
+from utils.artefacts.results import save_results
+from utils.data.tasks import TaskData
+from utils.runtime import distributed
 
 PLASTICITY, STABILITY = "plasticity", "stability"
 Trial = Callable[[str, float, float | None], float]  # (stage, lr, lambda or None) -> validation accuracy (%)

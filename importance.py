@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model_class import trainable_parameters
-from utils import distributed
+from utils.runtime import distributed
 
 Importance = dict[str, torch.Tensor]
 BatchLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

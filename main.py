@@ -24,21 +24,22 @@ from mas import ForgettingRow, RunState, compute_forgetting, mas_train
 from methods import method_class
 from scenario import DESCRIPTIONS, class_counts, scenario_tasks
 from task_agnostic import TAG_METRICS, record_task_agnostic, start_task_agnostic
-from utils import Diverged, UserError, distributed, interrupt
-from utils.checkpoint import CHECKPOINT, Checkpoint, argument_differences, load_checkpoint, remove_checkpoint
-from utils.data_cache import RunCache
-from utils.data_files import check_data_files, record_data_files
-from utils.data_utils import make_task_data, task_dirs
-from utils.folder_lock import FolderLock
-from utils.model_utils import pretrained_alexnet_state
-from utils.results import RESULTS, format_pp, load_results, new_results, record_task, save_results
-from utils.run_folder import (
+from utils import Diverged, UserError
+from utils.artefacts.checkpoint import CHECKPOINT, Checkpoint, argument_differences, load_checkpoint, remove_checkpoint
+from utils.artefacts.model_files import pretrained_alexnet_state
+from utils.artefacts.results import RESULTS, format_pp, load_results, new_results, record_task, save_results
+from utils.artefacts.run_folder import (
     check_models_dir,
     is_run_folder,
     remove_previous_run,
     remove_stale_temporaries,
     run_artefacts,
 )
+from utils.data.cache import RunCache
+from utils.data.fingerprint import check_data_files, record_data_files
+from utils.data.tasks import make_task_data, task_dirs
+from utils.runtime import distributed, interrupt
+from utils.runtime.folder_lock import FolderLock
 from validation_scores import record_validation, score_validation
 
 
@@ -151,7 +152,7 @@ def _load_tasks(config: RunConfig, device: torch.device) -> list:
         "importance_batch_size": config.importance_batch_size,
         "cache": cache,
         "pin_memory": device.type == "cuda",  # batches copied to the GPU with non_blocking (model_train.py)
-        "val_fraction": config.val_fraction,  # held out of every task's training images (utils/validation.py)
+        "val_fraction": config.val_fraction,  # held out of every task's training images (utils/data/validation.py)
         "seed": config.seed,
     }
     tasks = [
@@ -232,7 +233,7 @@ def _report(config: RunConfig, results: dict, rows: list[ForgettingRow]) -> dict
             f"{format_pp(average['average_forgetting_previous'])} pp"
         )
     if config.plot and distributed.is_writer():
-        from utils.plot import run_label, write_plots  # matplotlib only when asked for
+        from utils.artefacts.plot import run_label, write_plots  # matplotlib only when asked for
 
         for path in write_plots([(run_label(results), results)], Path(config.models_dir) / "plots"):
             say(f"wrote {path}")
@@ -269,7 +270,7 @@ def run(config: RunConfig, device: torch.device) -> dict:
 
 def for_world(config: RunConfig, world: distributed.World) -> RunConfig:
     """The run as one rank of ``world`` sees it (--batch_size is the global batch, of any size: each rank
-    weights its share, see utils/distributed.py); after torchrun restarted the workers (a worker died),
+    weights its share, see utils/runtime/distributed.py); after torchrun restarted the workers (a worker died),
     the run continues from its last checkpoint."""
     config = dataclasses.replace(config, world_size=world.size)
     if world.restart and not config.resume and is_run_folder(Path(config.models_dir)):
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise
         print(f"error: rank {distributed.rank()} lost the other ranks: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM, at a safe point (utils/interrupt.py)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM, at a safe point (utils/runtime/interrupt.py)
         if distributed.is_writer():
             print("\n" + _interrupted_message(argv, config), file=sys.stderr)
         raise SystemExit(130) from None

@@ -38,10 +38,16 @@ from reg_params import (
     save_reg_params,
 )
 from scenario import check_loaded_heads, class_counts, scoring_head, start_head
-from utils import Diverged, distributed
-from utils.checkpoint import CHECKPOINT, Checkpoint, check_optimizer_state, restore_rng, rng_state, save_checkpoint
-from utils.data_utils import TaskData
-from utils.model_utils import (
+from utils import Diverged
+from utils.artefacts.checkpoint import (
+    CHECKPOINT,
+    Checkpoint,
+    check_optimizer_state,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
+from utils.artefacts.model_files import (
     check_tensors,
     load_head,
     load_shared_state,
@@ -50,6 +56,8 @@ from utils.model_utils import (
     task_folder,
     write_task_files,
 )
+from utils.data.tasks import TaskData
+from utils.runtime import distributed
 
 
 @dataclass

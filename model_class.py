@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from utils import UserError
-from utils.model_utils import check_tensors, pretrained_alexnet_state
+from utils.artefacts.model_files import check_tensors, pretrained_alexnet_state
 
 ARCHS = ("alexnet", "mlp", "convnet")
 MLP_HIDDEN = 256

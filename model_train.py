@@ -23,8 +23,9 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils import Diverged, UserError, distributed, interrupt
-from utils.data_utils import TaskData
+from utils import Diverged, UserError
+from utils.data.tasks import TaskData
+from utils.runtime import distributed, interrupt
 
 LR_DECAY_EPOCHS = 20  # the seed decays the learning rate x0.1 every 20 epochs
 EpochEnd = Callable[[int, list[dict]], None]

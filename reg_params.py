@@ -32,8 +32,8 @@ from torch import nn
 
 from model_class import trainable_parameters
 from utils import UserError
-from utils.io_utils import load_tensor_pickle, save_pickle
-from utils.model_utils import REG_PARAMS, check_tensors
+from utils.artefacts.files import load_tensor_pickle, save_pickle
+from utils.artefacts.model_files import REG_PARAMS, check_tensors
 
 REG_KEYS = ("omega", "init_val", "prev_omega")
 RegParams = dict[str, dict[str, torch.Tensor]]

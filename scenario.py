@@ -29,8 +29,8 @@ from torch import nn
 
 from model_class import build_head
 from utils import UserError
-from utils.data_utils import TaskData
-from utils.model_utils import HEAD, task_folder
+from utils.artefacts.model_files import HEAD, task_folder
+from utils.data.tasks import TaskData
 
 SCENARIOS = ("task", "domain", "class")
 DESCRIPTIONS = {

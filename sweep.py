@@ -28,7 +28,7 @@ forces either, and ``--select_on validation`` without ``--select_seeds`` chooses
 seeds' validation accuracy. The rule used is written under the tables. Tables report, per
 (method, lambda), the mean and sample standard deviation over seeds of the metrics of
 ``results.json`` (average accuracy, forgetting over tasks 1..T-1, backward transfer, and forgetting
-over all T tasks; see utils/results.py), over the runs that finished without diverging, and warn
+over all T tasks; see utils/artefacts/results.py), over the runs that finished without diverging, and warn
 about a regulariser whose accuracy matrices are those of finetune on the same seeds.
 """
 
@@ -57,11 +57,11 @@ from typing import Any
 from config import build_parser, given_flags, parse_config
 from methods import method_class, method_names
 from utils import UserError
-from utils.checkpoint import CHECKPOINT, argument_differences
+from utils.artefacts.checkpoint import CHECKPOINT, argument_differences
+from utils.artefacts.files import load_json, save_json, save_text
+from utils.artefacts.results import format_pp, load_results, summarize
 from utils.cli import OneLineParser, at_least
-from utils.folder_lock import LOCK_FILE, FolderLock, locked_by
-from utils.io_utils import load_json, save_json, save_text
-from utils.results import format_pp, load_results, summarize
+from utils.runtime.folder_lock import LOCK_FILE, FolderLock, locked_by
 
 ROOT = Path(__file__).resolve().parent  # the folder that holds main.py: the runs' working directory
 MAIN = ROOT / "main.py"
@@ -703,7 +703,7 @@ def table_md(rows: list[dict[str, Any]], notes: list[str]) -> str:
 
 def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     """Average accuracy against average forgetting over tasks 1..T-1, one labelled point per row, error bars = std."""
-    from utils.plot import plt, save_figure  # matplotlib (Agg) only here
+    from utils.artefacts.plot import plt, save_figure  # matplotlib (Agg) only here
 
     fig, ax = plt.subplots(figsize=(9.6, 6))
     markers = "osD^v<>ph*"

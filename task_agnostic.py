@@ -5,7 +5,7 @@ After task i, task j (j <= i) is scored by the argmax over the concatenated outp
 correct when it falls on task j's true class, i.e. on output C_1 + ... + C_{j-1} + y. The task's
 identity is not used, so this is what the task scenario's network scores as a class-incremental
 classifier. ``results.json`` holds the matrix (``task_agnostic_accuracy_matrix``, rows as the accuracy
-matrix's) and ``task_agnostic``, its metrics by ``utils.results.summarize``. The domain and class
+matrix's) and ``task_agnostic``, its metrics by ``utils.artefacts.results.summarize``. The domain and class
 scenarios score without the task's identity already: their accuracy matrix is the task-agnostic one.
 """
 
@@ -19,8 +19,8 @@ from torch import nn
 from model_class import TaskModel
 from model_train import evaluate
 from scenario import OffsetLabels
-from utils.data_utils import TaskData
-from utils.results import summarize
+from utils.artefacts.results import summarize
+from utils.data.tasks import TaskData
 
 TAG_MATRIX = "task_agnostic_accuracy_matrix"
 TAG_METRICS = "task_agnostic"

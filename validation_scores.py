@@ -1,8 +1,8 @@
-"""The validation accuracy matrix of a run with ``--val_fraction`` (utils/validation.py).
+"""The validation accuracy matrix of a run with ``--val_fraction`` (utils/data/validation.py).
 
 val[i][j] is the accuracy (%) on task j's held-out training images, with the test transforms and
 task j's own head, after training task i: the same shape and semantics as ``accuracy_matrix``
-(utils/results.py), None where not scored (j > i, and j < i with ``--no-eval_every_task``).
+(utils/artefacts/results.py), None where not scored (j > i, and j < i with ``--no-eval_every_task``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from mas import RunState
 from model_class import TaskModel
 from model_train import evaluate
 from scenario import scoring_head
-from utils.data_utils import TaskData
+from utils.data.tasks import TaskData
 
 
 def score_validation(

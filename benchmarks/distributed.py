@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from importance import mas_per_sample_importance  # noqa: E402
 from model_class import TaskModel, build_trunk, create_freeze_layers, trainable_parameters  # noqa: E402
 from optimizer_lib import LocalSgd  # noqa: E402
-from utils import distributed  # noqa: E402
 from utils.cli import at_least  # noqa: E402
+from utils.runtime import distributed  # noqa: E402
 
 MODELS = {"alexnet": (3, 64, 2), "mlp": (1, 8, 0)}  # channels, image size, frozen layers
 BATCH, STEPS, SCORED = 64, 6, 512  # defaults of --batch, --steps, --scored

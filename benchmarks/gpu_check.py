@@ -49,9 +49,9 @@ from importance import mas_batch_importance  # noqa: E402
 from model_class import TaskModel, build_head, build_shared_model, create_freeze_layers, trainable_parameters  # noqa: E402
 from model_train import train_one_epoch  # noqa: E402
 from optimizer_lib import LocalSgd  # noqa: E402
-from utils.data_cache import RunCache  # noqa: E402
-from utils.data_utils import build_transforms, make_task_data, read_manifest, task_dirs  # noqa: E402
-from utils.io_utils import load_tensor_pickle  # noqa: E402
+from utils.artefacts.files import load_tensor_pickle  # noqa: E402
+from utils.data.cache import RunCache  # noqa: E402
+from utils.data.tasks import build_transforms, make_task_data, read_manifest, task_dirs  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

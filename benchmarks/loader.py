@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from model_class import TaskModel, build_head, build_shared_model, create_freeze_layers, trainable_parameters  # noqa: E402
 from optimizer_lib import LocalSgd  # noqa: E402
 from utils.cli import at_least  # noqa: E402
-from utils.data_cache import RunCache  # noqa: E402
-from utils.data_utils import make_task_data, read_manifest, task_dirs  # noqa: E402
+from utils.data.cache import RunCache  # noqa: E402
+from utils.data.tasks import make_task_data, read_manifest, task_dirs  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SIZE, STORED = 224, 64

@@ -70,7 +70,7 @@ from main import main as run_main  # noqa: E402
 from model_class import MLP_HIDDEN, MlpTrunk  # noqa: E402
 from model_train import seed_everything  # noqa: E402
 from utils.cli import at_least  # noqa: E402
-from utils.data_utils import build_transforms, image_loader, read_manifest, task_dirs  # noqa: E402
+from utils.data.tasks import build_transforms, image_loader, read_manifest, task_dirs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

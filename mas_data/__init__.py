@@ -7,6 +7,6 @@ the destination under a lock, publish by rename), ``split_folder`` (what an exis
 holds), ``download`` (HTTP with resume, MD5 and retries), ``torchvision_fetch`` (the same retries
 around torchvision's downloaders), ``extract`` (safe zip extraction), ``image_tasks`` (writing
 tasks of PNG images and their statistics), ``messages`` (library errors as one-line reasons) and
-``build`` (one run, start to end). The manifest's schema is ``utils/manifest.py``, shared with
+``build`` (one run, start to end). The manifest's schema is ``utils/data/manifest.py``, shared with
 the training side. This package imports only ``utils`` and itself; only data_prep.py imports it.
 """

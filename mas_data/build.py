@@ -19,7 +19,7 @@ from mas_data.split_folder import check_folders, existing_split
 from mas_data.staging import publish, remove_stale_staging, staging_dir
 from mas_data.tiny_imagenet import TINY_ROOT, prepare_tiny_imagenet
 from utils import UserError
-from utils.manifest import write_manifest
+from utils.data.manifest import write_manifest
 
 # Each writes the tasks of its dataset into a folder and returns the manifest's description of them.
 PREPARERS: dict[str, Callable[[argparse.Namespace, Path], dict]] = {

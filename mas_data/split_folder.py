@@ -11,8 +11,8 @@ from pathlib import Path
 
 from mas_data.flags import applies
 from utils import UserError
-from utils.io_utils import load_json
-from utils.manifest import MANIFEST, written_by_data_prep
+from utils.artefacts.files import load_json
+from utils.data.manifest import MANIFEST, written_by_data_prep
 
 
 def check_folders(args: argparse.Namespace) -> None:

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from utils.io_utils import shared_mode
+from utils.artefacts.files import shared_mode
 
 
 def _lock(fd: int) -> bool:

@@ -19,7 +19,7 @@ from mas_data.download import download, verify_md5
 from mas_data.extract import check_members, extract_members
 from mas_data.staging import publish, staging_dir
 from utils import UserError
-from utils.io_utils import save_text
+from utils.artefacts.files import save_text
 
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"

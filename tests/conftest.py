@@ -93,7 +93,7 @@ def write_dataset(
 def make_test_config(data: Path, models: Path, **overrides):
     """A RunConfig for the generated data: main.py's built-in defaults, the manifest's, then ``overrides``."""
     from config import default_values, make_config, manifest_defaults
-    from utils.data_utils import read_manifest
+    from utils.data.tasks import read_manifest
 
     manifest = read_manifest(data)
     values = default_values(data_dir=str(data), models_dir=str(models))
@@ -167,7 +167,7 @@ def assert_same_run(models: Path, reference: Path) -> None:
     reg_params.pickle and the accuracy matrix."""
     import torch
 
-    from utils.io_utils import load_tensor_pickle
+    from utils.artefacts.files import load_tensor_pickle
 
     tasks = sorted(p.name for p in reference.glob("Task_*"))
     assert sorted(p.name for p in models.glob("Task_*")) == tasks
@@ -261,7 +261,7 @@ def error_line(capsys):
 def interrupted_after_checkpoint(monkeypatch, task_no: int | None = None, epoch: int = 0):
     """Inside the block, main.py raises KeyboardInterrupt (Ctrl-C) right after writing the checkpoint of
     ``epoch`` (0-based) of ``task_no`` (None: the first checkpoint); on leaving, checkpoints are normal."""
-    import utils.checkpoint as checkpoint_module
+    import utils.artefacts.checkpoint as checkpoint_module
 
     real_save = checkpoint_module.save_checkpoint
 

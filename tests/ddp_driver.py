@@ -18,7 +18,7 @@ import torch
 
 import main
 import mas
-from utils import distributed
+from utils.runtime import distributed
 
 SEPARATOR = "--then"
 

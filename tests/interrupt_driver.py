@@ -22,8 +22,8 @@ import importance
 import main
 import mas
 import optimizer_lib
-import utils.interrupt
-import utils.io_utils
+import utils.artefacts.files
+import utils.runtime.interrupt
 
 
 def _fire_on(counter: dict, n: int, signum: int) -> None:
@@ -46,29 +46,29 @@ def install(moment: str, signum: int) -> None:
     what, n = moment.split(":")
     counter = {"seen": 0}
     targets = {
-        "worker": (utils.interrupt, "worker_init"),
+        "worker": (utils.runtime.interrupt, "worker_init"),
         "step": (optimizer_lib.LocalSgd, "step"),
         "importance": (importance, "mas_batch_importance"),
         "evaluate": (mas, "evaluate"),
-        "save": (utils.io_utils, "atomic_open"),
+        "save": (utils.artefacts.files, "atomic_open"),
     }
     owner, name = targets[what]
     if what == "worker":  # in the worker: counts per process, so fire in the n-th loader's first worker
-        real = utils.interrupt.worker_init
+        real = utils.runtime.interrupt.worker_init
         starts = {"loader": 0}
 
-        def loader_iter(self, _real=utils.interrupt.InterruptibleLoader.__iter__):
+        def loader_iter(self, _real=utils.runtime.interrupt.InterruptibleLoader.__iter__):
             starts["loader"] += 1
             return _real(self)
 
-        utils.interrupt.InterruptibleLoader.__iter__ = loader_iter
+        utils.runtime.interrupt.InterruptibleLoader.__iter__ = loader_iter
 
         def worker_init(worker_id: int) -> None:
             if starts["loader"] == int(n) and worker_id == 0:
                 os.killpg(os.getpgrp(), signum)
             real(worker_id)
 
-        utils.interrupt.worker_init = worker_init
+        utils.runtime.interrupt.worker_init = worker_init
         return
     _wrap(owner, name, counter, int(n), signum)
 

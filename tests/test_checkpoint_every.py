@@ -18,7 +18,7 @@ from conftest import ROOT, assert_same_run, interrupted_after_checkpoint, write_
 from main import main
 from model_train import _what_is_kept
 from optimizer_lib import LocalSgd
-from utils.checkpoint import CHECKPOINT
+from utils.artefacts.checkpoint import CHECKPOINT
 
 RUN = ["--verbose", "--num_epochs", "5", "--batch_size", "4", "--init_lr", "0.02", "--reg_lambda", "0.5", "--seed", "4"]
 TIMEOUT = 300

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from reg_params import at_task_start, init_reg_params
-from utils.checkpoint import Checkpoint, load_checkpoint, rng_state, save_checkpoint
+from utils.artefacts.checkpoint import Checkpoint, load_checkpoint, rng_state, save_checkpoint
 
 
 def test_a_saved_checkpoint_loads_as_a_typed_object(tmp_path):

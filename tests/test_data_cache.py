@@ -24,9 +24,9 @@ from importance import mas_batch_importance, mas_per_sample_importance
 from main import main
 from model_class import TaskModel, build_head, build_shared_model
 from utils import UserError
-from utils.data_cache import RunCache, format_bytes
-from utils.data_utils import make_task_data, read_manifest, task_dirs
-from utils.io_utils import load_tensor_pickle
+from utils.artefacts.files import load_tensor_pickle
+from utils.data.cache import RunCache, format_bytes
+from utils.data.tasks import make_task_data, read_manifest, task_dirs
 
 
 def _tasks(data: Path, channels: int, image_size: int, cache: str, workers: int = 0, **options) -> list:
@@ -300,7 +300,7 @@ def test_auto_reads_the_files_of_a_task_beyond_the_memory_budget(tmp_path, capsy
     _run(data, tmp_path / "off", "--cache", "off")
     task_bytes = (12 + 8) * (8 * 8 + 8)  # train and test images of one task, with their labels
     budget = task_bytes + 8 * (8 * 8 + 8) - 1
-    monkeypatch.setattr("utils.data_cache.memory_budget", lambda: budget)
+    monkeypatch.setattr("utils.data.cache.memory_budget", lambda: budget)
     capsys.readouterr()
     _run(data, tmp_path / "auto")
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--cache auto")]

@@ -1,6 +1,6 @@
 """The data a run reads is the data in its task folders, and only that: links in a split are refused
 (not followed), class names must fit the artefacts that record them, and --resume refuses images that
-changed, were added or were removed since the run started (utils/data_files.py)."""
+changed, were added or were removed since the run started (utils/data/fingerprint.py)."""
 
 from __future__ import annotations
 

@@ -102,7 +102,7 @@ def test_a_write_error_is_one_line_and_leaves_no_data(tmp_path, capsys, monkeypa
 
 
 def test_the_split_gets_the_usual_folder_mode(digits_dir):
-    from utils.io_utils import shared_mode
+    from utils.artefacts.files import shared_mode
 
     assert digits_dir.stat().st_mode & 0o777 == shared_mode(directory=True)
     assert (digits_dir / "manifest.json").stat().st_mode & 0o777 == shared_mode()

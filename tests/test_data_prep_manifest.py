@@ -1,4 +1,4 @@
-"""The manifest's one schema (utils/manifest.py), shared by the writer (data_prep.py) and the reader
+"""The manifest's one schema (utils/data/manifest.py), shared by the writer (data_prep.py) and the reader
 (main.py), and data_prep.py's --help grouped by what each flag is for."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from config import build_parser as main_parser
 from conftest import write_dataset
 from utils import UserError
-from utils.data_utils import read_manifest
-from utils.manifest import MANIFEST, MAX_IMAGE_SIZE, check_manifest, write_manifest
+from utils.data.manifest import MANIFEST, MAX_IMAGE_SIZE, check_manifest, write_manifest
+from utils.data.tasks import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ from conftest import RangeRequestHandler
 from main import main as train_main
 from mas_data import download
 from mas_data.tiny_imagenet import TINY_ROOT, TINY_ZIP, split_classes
-from utils.data_utils import check_task
+from utils.data.tasks import check_task
 
 # Eight real Tiny-ImageNet classes, listed in wnids.txt out of order as in the real file.
 CLASS_NAMES = {

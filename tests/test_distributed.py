@@ -17,7 +17,7 @@ import torch
 
 from conftest import ROOT, assert_same_run, write_dataset
 from main import main
-from utils.io_utils import load_tensor_pickle
+from utils.artefacts.files import load_tensor_pickle
 
 # 24 training images a task: 3 global batches of 8 (the odd sizes are _odd_tasks'); a test set of 8.
 FLAGS = ["--verbose", "--num_epochs", "3", "--batch_size", "8", "--init_lr", "0.05", "--momentum", "0.9", "--seed", "5"]
@@ -267,7 +267,7 @@ def test_a_refused_flag_is_one_line_on_every_rank(data, tmp_path):
 
 
 def test_a_plain_process_is_rank_0_of_1():
-    from utils.distributed import World, from_environment
+    from utils.runtime.distributed import World, from_environment
 
     assert from_environment({}) == World()
     world = from_environment({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "TORCHELASTIC_RESTART_COUNT": "3"})

@@ -1,7 +1,7 @@
 """Every error ends the process promptly with its one line and exit 1, DataLoader workers or not, in
 every cache mode: a worker's error (a corrupt image, a decompression bomb), an error raised in the main
 process mid-epoch (the loss diverges), and a refused artefact on --resume. DataLoader workers ignore
-SIGTERM (utils/interrupt.py), so an exit that left their loader open used to wait for them forever."""
+SIGTERM (utils/runtime/interrupt.py), so an exit that left their loader open used to wait for them forever."""
 
 from __future__ import annotations
 

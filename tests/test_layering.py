@@ -74,7 +74,31 @@ def test_no_module_imports_upward():
     assert upward == []
 
 
-def test_utils_is_io_only_and_the_core_does_not_import_the_optimizer():
+# Inside utils, from the bottom: the error types, CLI types and schema checks (utils, utils.cli, utils.schema);
+# the process runtime (torchrun ranks, signals, the folder lock); the artefacts a run writes and reads back;
+# the data pipeline.
+UTILS_LAYERS = ["utils", "utils.runtime", "utils.artefacts", "utils.data"]
+
+
+def _utils_layer(module: str) -> int:
+    package = ".".join(module.split(".")[:2])
+    return UTILS_LAYERS.index(package) if package in UTILS_LAYERS else 0
+
+
+def test_utils_subpackages_import_downward_only():
+    upward, seen = [], set()
+    for path in _sources():
+        name = _module_name(path)
+        if not name.startswith("utils"):
+            continue
+        seen.add(".".join(name.split(".")[:2]))
+        for target in _imports(ast.parse(path.read_text())):
+            if _utils_layer(target) > _utils_layer(name):
+                upward.append(f"{name} imports {target}")
+    assert upward == [] and set(UTILS_LAYERS[1:]) <= seen
+
+
+def test_utils_imports_only_utils_and_the_core_does_not_import_the_optimizer():
     for path in _sources():
         name = _module_name(path)
         imports = _imports(ast.parse(path.read_text()))
@@ -85,7 +109,7 @@ def test_utils_is_io_only_and_the_core_does_not_import_the_optimizer():
 
 
 def test_mas_data_imports_only_utils_and_itself():
-    """The manifest's schema is shared through utils/manifest.py, never by importing the training side."""
+    """The manifest's schema is shared through utils/data/manifest.py, never by importing the training side."""
     seen = []
     for path in _sources():
         name = _module_name(path)

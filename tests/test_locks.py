@@ -1,4 +1,4 @@
-"""One writer per folder (utils/folder_lock.py): a second main.py, --resume or --overwrite against a live
+"""One writer per folder (utils/runtime/folder_lock.py): a second main.py, --resume or --overwrite against a live
 run, a run after SIGKILL of the holder, a sweep killed while its child lives on, two sweeps on one
 --out, and a sweep's refusal to overwrite the user's own table or plot. Real processes; a live run is
 held with SIGSTOP, so that the timing of the tests does not depend on the machine's speed."""
@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, assert_same_run, write_dataset
 from sweep import main as sweep
-from utils.folder_lock import LOCK_FILE, locked_by
+from utils.runtime.folder_lock import LOCK_FILE, locked_by
 
 RUN = ["--verbose", "--num_epochs", "4", "--batch_size", "4", "--init_lr", "0.02", "--reg_lambda", "0.5", "--seed", "3"]
 TIMEOUT = 300

@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import ROOT, write_dataset
 from main import main
 from model_class import MlpTrunk, TaskModel
-from utils.io_utils import load_tensor_pickle
+from utils.artefacts.files import load_tensor_pickle
 
 FAST = ["--num_epochs", "2", "--batch_size", "4", "--init_lr", "0.05", "--reg_lambda", "0.5"]
 ROW = re.compile(r"^\s*(\d+) \|\s*([-\d.]+) \|\s*([-\d.]+) \|\s*([-\d.]+)$")
@@ -234,8 +234,8 @@ def test_the_files_on_disk_reproduce_the_table_scored_in_memory(tiny_data, tmp_p
     from conftest import make_test_config
     from mas import RunState, TaskModel
     from model_train import evaluate
-    from utils.data_utils import make_task_data, read_manifest, task_dirs
-    from utils.results import load_results
+    from utils.artefacts.results import load_results
+    from utils.data.tasks import make_task_data, read_manifest, task_dirs
 
     models = tmp_path / "models"
     results = main(["--data_dir", str(tiny_data), "--models_dir", str(models), *FAST, "--seed", "5"])

@@ -15,9 +15,9 @@ from model_class import AlexNetTrunk, MlpTrunk, TaskModel, build_shared_model, c
 from model_train import seed_everything
 from reg_params import check_reg_params, consolidate_reg_params, init_reg_params, init_reg_params_across_tasks
 from utils import UserError
-from utils.data_utils import make_task_data, read_manifest, task_dirs
-from utils.io_utils import load_tensor_pickle, save_pickle
-from utils.model_utils import load_head, load_shared_state, read_performance
+from utils.artefacts.files import load_tensor_pickle, save_pickle
+from utils.artefacts.model_files import load_head, load_shared_state, read_performance
+from utils.data.tasks import make_task_data, read_manifest, task_dirs
 
 
 def _config(data, models, **overrides):

@@ -8,8 +8,8 @@ from config import build_parser
 from conftest import make_test_config, new_run_state
 from main import main
 from mas import mas_train
-from utils.data_utils import make_task_data, read_manifest, task_dirs
-from utils.io_utils import load_tensor_pickle
+from utils.artefacts.files import load_tensor_pickle
+from utils.data.tasks import make_task_data, read_manifest, task_dirs
 
 SETTINGS = dict(num_epochs=3, batch_size=4, init_lr=0.1, momentum=0.0)
 

@@ -7,7 +7,7 @@ import torch
 
 from data_prep import main as data_prep
 from main import main
-from utils.io_utils import load_tensor_pickle
+from utils.artefacts.files import load_tensor_pickle
 
 TREE = {"data_files.json", "reg_params.pickle", "shared_model.pth", "results.json", "accuracy_matrix.csv"} | {
     f"Task_{t}/{f}" for t in range(1, 6) for f in ("head.pth", "performance.txt", "classes.txt")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from model_class import AlexNetTrunk, build_shared_model
-from utils import UserError, model_utils
+from utils import UserError
+from utils.artefacts import model_files
 
 
 def _fake_imagenet_alexnet(path) -> dict[str, torch.Tensor]:
@@ -29,7 +30,7 @@ def test_pretrained_weights_download_once_and_load(http_server, tmp_path, monkey
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     name = f"alexnet-test-{digest[:8]}.pth"  # torch.hub checks this hash prefix
     tmp.rename(root / name)
-    monkeypatch.setattr(model_utils, "ALEXNET_WEIGHTS_URL", f"{base_url}/{name}")
+    monkeypatch.setattr(model_files, "ALEXNET_WEIGHTS_URL", f"{base_url}/{name}")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     trunk = build_shared_model("alexnet", 3, 64, pretrained=True)
     assert torch.equal(trunk.features[0].weight, state["features.0.weight"].float())
@@ -41,7 +42,7 @@ def test_pretrained_weights_download_once_and_load(http_server, tmp_path, monkey
 
 
 def test_offline_without_cached_weights_names_the_file_and_the_way_out(closed_port_url, tmp_path, monkeypatch):
-    monkeypatch.setattr(model_utils, "ALEXNET_WEIGHTS_URL", f"{closed_port_url}/alexnet-owt-7be5be79.pth")
+    monkeypatch.setattr(model_files, "ALEXNET_WEIGHTS_URL", f"{closed_port_url}/alexnet-owt-7be5be79.pth")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     with pytest.raises(UserError) as err:
         build_shared_model("alexnet", 3, 64, pretrained=True)

@@ -1,4 +1,4 @@
-"""How torchrun's ranks share one process's batches (utils/distributed.py's samplers), in this process:
+"""How torchrun's ranks share one process's batches (utils/runtime/distributed.py's samplers), in this process:
 every size of dataset, global batch and world, against RandomSampler's and the plain loader's batches."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
-from utils.distributed import GlobalBatchSampler, WholeBatchSampler
+from utils.runtime.distributed import GlobalBatchSampler, WholeBatchSampler
 
 SIZES = list(itertools.product(range(31), range(1, 10), range(1, 5)))  # N samples, global batch B, W ranks
 

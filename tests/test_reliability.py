@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import utils.io_utils as io_utils
+import utils.artefacts.files as io_utils
 from conftest import ROOT, interrupted_after_checkpoint, write_dataset
 from main import main
-from utils.checkpoint import load_checkpoint
-from utils.io_utils import load_tensor_pickle
+from utils.artefacts.checkpoint import load_checkpoint
+from utils.artefacts.files import load_tensor_pickle
 
 # Slow enough epochs (400 images of 16x16 per task) that a signal lands inside task 2.
 RUN = ["--verbose", "--num_epochs", "6", "--batch_size", "4", "--init_lr", "0.02", "--reg_lambda", "0.5", "--seed", "7"]
@@ -249,7 +249,7 @@ def test_models_dir_that_is_a_file_or_unwritable(tiny_data, tmp_path, capsys, mo
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr("utils.run_folder.tempfile.TemporaryFile", refuse)
+    monkeypatch.setattr("utils.artefacts.run_folder.tempfile.TemporaryFile", refuse)
     err = _error(capsys, tiny_data, tmp_path / "locked")
     assert err == f"error: cannot use --models_dir {tmp_path / 'locked'}: Permission denied"
 

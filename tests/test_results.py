@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from main import main
-from utils import plot
-from utils.results import summarize
+from utils.artefacts import plot
+from utils.artefacts.results import summarize
 
 RUN = ["--num_epochs", "2", "--batch_size", "4", "--init_lr", "0.05", "--reg_lambda", "0.5"]
 

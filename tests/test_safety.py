@@ -14,7 +14,7 @@ import torch
 
 from conftest import interrupted_after_checkpoint, write_dataset
 from main import main
-from utils.io_utils import load_tensor_pickle, save_pickle
+from utils.artefacts.files import load_tensor_pickle, save_pickle
 
 FAST = ["--num_epochs", "2", "--batch_size", "4", "--init_lr", "0.05", "--reg_lambda", "0.5"]
 
@@ -443,10 +443,12 @@ def test_nan_loss_before_any_checkpoint_does_not_claim_one(tiny_data, tmp_path, 
 
 
 def test_offline_pretrained_run_prints_one_line_and_creates_nothing(tmp_path, closed_port_url, capsys, monkeypatch):
-    import utils.model_utils
+    import utils.artefacts.model_files
 
     data = write_dataset(tmp_path / "Data", channels=3)
-    monkeypatch.setattr(utils.model_utils, "ALEXNET_WEIGHTS_URL", f"{closed_port_url}/alexnet-owt-7be5be79.pth")
+    monkeypatch.setattr(
+        utils.artefacts.model_files, "ALEXNET_WEIGHTS_URL", f"{closed_port_url}/alexnet-owt-7be5be79.pth"
+    )
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     with pytest.raises(SystemExit) as exc:
         main(["--data_dir", str(data), "--models_dir", str(tmp_path / "m"), "--arch", "alexnet", "--pretrained"])

@@ -22,8 +22,8 @@ from main import main
 from model_class import MlpTrunk, build_head
 from scenario import start_head
 from task_agnostic import TAG_MATRIX, record_task_agnostic, task_agnostic_accuracy
-from utils.data_utils import TaskData
-from utils.results import summarize
+from utils.artefacts.results import summarize
+from utils.data.tasks import TaskData
 
 FAST = ["--num_epochs", "2", "--batch_size", "4", "--init_lr", "0.05", "--reg_lambda", "0.5"]
 

@@ -23,8 +23,8 @@ def test_the_written_out_facts_are_torchvisions():
     import torchvision
     from torchvision.models import AlexNet_Weights
 
-    from utils.model_utils import ALEXNET_WEIGHTS_URL
-    from utils.results import torchvision_version
+    from utils.artefacts.model_files import ALEXNET_WEIGHTS_URL
+    from utils.artefacts.results import torchvision_version
 
     assert AlexNet_Weights.IMAGENET1K_V1.url == ALEXNET_WEIGHTS_URL
     assert torchvision_version() == torchvision.__version__
@@ -33,7 +33,7 @@ def test_the_written_out_facts_are_torchvisions():
 def test_image_files_list_a_split_in_image_folders_order(tmp_path):
     from torchvision.datasets import ImageFolder
 
-    from utils.image_decode import ImageFiles
+    from utils.data.decode import ImageFiles
 
     root = write_dataset(tmp_path / "Data", classes_per_task=3, n_train=12) / "Task_1" / "train"
     (root / "c1_2" / "deeper").mkdir()
@@ -46,7 +46,7 @@ def test_image_files_list_a_split_in_image_folders_order(tmp_path):
 def test_the_plain_transform_is_torchvisions_bit_for_bit():
     from torchvision import transforms
 
-    from utils.data_utils import ResizeAndNormalise
+    from utils.data.tasks import ResizeAndNormalise
 
     rng = np.random.default_rng(0)
     for mode, shape, size, mean, std in (

@@ -20,7 +20,7 @@ from config import parse_config
 from conftest import write_dataset
 from sweep import choose_lambdas, grid, parse_sweep_args
 from sweep import main as sweep
-from utils.results import summarize
+from utils.artefacts.results import summarize
 
 # Three tasks, two seeds. acc[i][j]: after task i, on task j.
 MATRIX = {
@@ -191,9 +191,9 @@ def test_forgetting_is_over_tasks_1_to_t_minus_1_and_the_all_task_mean_is_a_labe
         Path(path).write_bytes(b"figure")
         return Path(path)
 
-    import utils.plot
+    import utils.artefacts.plot
 
-    monkeypatch.setattr(utils.plot, "save_figure", keep_figure)
+    monkeypatch.setattr(utils.artefacts.plot, "save_figure", keep_figure)
     argv = ["--methods", "finetune", "--seeds", "0", "1"]
     run_sweep(monkeypatch, lambda run: (MATRIX[run.seed], None), argv, data, out)
     row = csv_rows(out / "table.csv")[("finetune", "-")]

@@ -1,4 +1,4 @@
-"""--val_fraction: the held-out validation split (utils/validation.py), its loaders and its matrix."""
+"""--val_fraction: the held-out validation split (utils/data/validation.py), its loaders and its matrix."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from conftest import assert_same_run, write_dataset
 from main import main
 from utils import UserError
-from utils.data_cache import RunCache
-from utils.data_utils import make_task_data, read_manifest
-from utils.validation import split_samples
+from utils.data.cache import RunCache
+from utils.data.tasks import make_task_data, read_manifest
+from utils.data.validation import split_samples
 
 FAST = ["--num_epochs", "1", "--batch_size", "3", "--init_lr", "0.05"]
 SIZES = [10, 7, 2, 3]  # class sizes; with F = 0.3: 3, 2, 1 (at least one), 1 held out

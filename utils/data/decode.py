@@ -1,5 +1,5 @@
 """Decoding image files: every failure is one line naming the file, and a whole split can be decoded
-once into a uint8 tensor N x C x H x W (the data cache, ``utils/data_cache.py``).
+once into a uint8 tensor N x C x H x W (the data cache, ``utils/data/cache.py``).
 
 ``read_image`` is the one place where a file is decoded, for the file path (ImageFolder, every epoch)
 and for the cache (``decode_split``, once per run), so both name a bad file the same way.
@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from utils import UserError
-from utils.interrupt import InterruptibleLoader
+from utils.runtime.interrupt import InterruptibleLoader
 
 DECODE_BATCH = 64  # images a worker decodes before handing them over
 Samples = list[tuple[str, int]]  # (file, label) in ImageFolder's order

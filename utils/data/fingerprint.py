@@ -22,9 +22,9 @@ from typing import Any
 from tqdm import tqdm
 
 from utils import UserError
-from utils.data_utils import task_dirs
-from utils.image_decode import list_images
-from utils.io_utils import load_json, save_text
+from utils.artefacts.files import load_json, save_text
+from utils.data.decode import list_images
+from utils.data.tasks import task_dirs
 
 DATA_FILES = "data_files.json"
 FORMAT = 1

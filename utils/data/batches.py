@@ -1,7 +1,7 @@
-"""A split served from memory once the data cache decoded it (``utils/data_cache.py``), else from its files.
+"""A split served from memory once the data cache decoded it (``utils/data/cache.py``), else from its files.
 
 ``SplitDataset`` fetches whole batches (``__getitems__``): from memory, one index into the uint8 tensor
-and the file path's transform of each image (``utils/tensor_transforms.py``); from the files, sample by
+and the file path's transform of each image (``utils/data/transforms.py``); from the files, sample by
 sample, as the file path. The DataLoader around it (``CachedLoader``) draws from the global RNG exactly
 as the file path's does (the shuffle, the workers' base seed), and the transforms run where the file
 path's run (its workers, or this process with ``--num_workers 0``), so a run with the cache sees the same
@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from utils.data_cache import SplitStore
-from utils.image_decode import ImageFiles
-from utils.interrupt import InterruptibleLoader
-from utils.tensor_transforms import BatchTransform
+from utils.data.cache import SplitStore
+from utils.data.decode import ImageFiles
+from utils.data.transforms import BatchTransform
+from utils.runtime.interrupt import InterruptibleLoader
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

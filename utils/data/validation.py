@@ -16,7 +16,7 @@ import hashlib
 import torch
 
 from utils import UserError
-from utils.image_decode import ImageFiles, Samples
+from utils.data.decode import ImageFiles, Samples
 
 
 def validation_seed(seed: int, task_no: int) -> int:

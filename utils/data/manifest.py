@@ -1,5 +1,5 @@
 """The schema of ``Data/manifest.json``, for the side that writes it (``data_prep.py``, through
-``mas_data``) and the side that reads it (``utils/data_utils.py`` for ``main.py``): one file name,
+``mas_data``) and the side that reads it (``utils/data/tasks.py`` for ``main.py``): one file name,
 one set of bounds, one check, run by the writer before it saves and by the reader once, where it loads.
 
 Required: ``dataset`` (string), ``tasks`` (a non-empty list of ``{"name", "classes"}``, the names
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from utils import UserError
-from utils.io_utils import save_json
+from utils.artefacts.files import save_json
 from utils.schema import entry, in_range, items
 
 MANIFEST = "manifest.json"  # inside the data folder, beside Task_1 ... Task_T

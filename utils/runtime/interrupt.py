@@ -35,7 +35,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from utils import distributed
+from utils.runtime import distributed
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _requested: list[int] = []  # the signals received while stop_at_safe_points is active

@@ -6,7 +6,7 @@ program wrote (their format tags are checked); a run writes one of them after it
 ``--overwrite`` removes only such a folder's artefacts, file by file: the files listed here, the
 ``Task_N`` folders and ``plots/`` when they hold nothing else. Anything else stops it before it
 deletes anything. A models folder that is, contains or lies inside the data folder is refused.
-The folder's ``.lock`` (utils/folder_lock.py: one writer at a time) is no run artefact: it is not
+The folder's ``.lock`` (utils/runtime/folder_lock.py: one writer at a time) is no run artefact: it is not
 listed, not removed by ``--overwrite`` (the run holds it), and not a foreign file.
 """
 
@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 
 from utils import UserError
-from utils.checkpoint import CHECKPOINT, load_checkpoint
-from utils.model_utils import CLASSES, HEAD, PERFORMANCE, REG_PARAMS, SHARED_MODEL
-from utils.results import MATRIX_CSV, RESULTS, load_results
+from utils.artefacts.checkpoint import CHECKPOINT, load_checkpoint
+from utils.artefacts.model_files import CLASSES, HEAD, PERFORMANCE, REG_PARAMS, SHARED_MODEL
+from utils.artefacts.results import MATRIX_CSV, RESULTS, load_results
 
 RUN_FILES = (RESULTS, MATRIX_CSV, CHECKPOINT, SHARED_MODEL, REG_PARAMS)
 TASK_FILES = (HEAD, PERFORMANCE, CLASSES)

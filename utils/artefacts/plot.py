@@ -1,7 +1,7 @@
 """Pictures of what a continual-learning run forgot (Memory Aware Synapses, Aljundi et al., ECCV 2018).
 
-    python3 -m utils.plot models/                       # one run
-    python3 -m utils.plot models_mas/ models_ewc/ models_ft/ --out plots/   # compare runs
+    python3 -m utils.artefacts.plot models/                       # one run
+    python3 -m utils.artefacts.plot models_mas/ models_ewc/ models_ft/ --out plots/   # compare runs
 
 From each run's ``results.json`` it writes
 
@@ -31,8 +31,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from utils import UserError  # noqa: E402
-from utils.io_utils import atomic_open  # noqa: E402
-from utils.results import RESULTS, load_results  # noqa: E402
+from utils.artefacts.files import atomic_open  # noqa: E402
+from utils.artefacts.results import RESULTS, load_results  # noqa: E402
 
 DPI = 100
 MATRIX_SIZE = (6.4, 5.6)  # inches: 640 x 560 pixels
@@ -159,7 +159,9 @@ def write_plots(runs: list[tuple[str, dict[str, Any]]], out: Path) -> list[Path]
 
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(
-        prog="python3 -m utils.plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python3 -m utils.artefacts.plot",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("runs", nargs="+", help="models folders (or results.json files) of finished runs")
     parser.add_argument("--out", default="plots", help="folder for the PNG files (default: %(default)s)")

@@ -27,7 +27,8 @@ from typing import IO, Any
 
 import torch
 
-from utils import UserError, interrupt
+from utils import UserError
+from utils.runtime import interrupt
 
 
 def _current_umask() -> int:
@@ -57,7 +58,7 @@ def _fsync_dir(folder: Path) -> None:
 @contextlib.contextmanager
 def _sigint_deferred() -> Iterator[None]:
     """Hold Ctrl-C until the enclosed write is complete, then raise KeyboardInterrupt (outside a run;
-    during a run, utils.interrupt already turns signals into a request checked at safe points)."""
+    during a run, utils.runtime.interrupt already turns signals into a request checked at safe points)."""
     if threading.current_thread() is not threading.main_thread() or interrupt.active():
         yield
         return

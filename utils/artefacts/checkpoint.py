@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from utils import UserError, schema
-from utils.io_utils import load_torch, save_torch
-from utils.results import PROGRAM
+from utils.artefacts.files import load_torch, save_torch
+from utils.artefacts.results import PROGRAM
 
 CHECKPOINT = "checkpoint.pth"
 # Recorded, but free to change on --resume: they do not change what the run computes (the data

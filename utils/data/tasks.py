@@ -27,15 +27,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from utils import UserError, distributed
-from utils.data_cache import RunCache, SplitStore
-from utils.image_decode import IMAGE_EXTENSIONS, ImageFiles, as_tensor, not_a_link, pil_resize, read_image
-from utils.interrupt import InterruptibleLoader
-from utils.io_utils import load_json
-from utils.manifest import MANIFEST, check_manifest
-from utils.tensor_data import CachedLoader, SplitDataset
-from utils.tensor_transforms import BatchTransform, NormaliseBatch, PilPerSample, normalise, test_resize
-from utils.validation import hold_out_validation
+from utils import UserError
+from utils.artefacts.files import load_json
+from utils.data.batches import CachedLoader, SplitDataset
+from utils.data.cache import RunCache, SplitStore
+from utils.data.decode import IMAGE_EXTENSIONS, ImageFiles, as_tensor, not_a_link, pil_resize, read_image
+from utils.data.manifest import MANIFEST, check_manifest
+from utils.data.transforms import BatchTransform, NormaliseBatch, PilPerSample, normalise, test_resize
+from utils.data.validation import hold_out_validation
+from utils.runtime import distributed
+from utils.runtime.interrupt import InterruptibleLoader
 
 _TASK_DIR = re.compile(r"^Task_(\d+)$")
 
@@ -62,7 +63,7 @@ class LoaderSettings:
     importance_batch_size: int | None = None  # None: batch_size
     cache: RunCache | None = None  # None: the files every epoch (--cache off)
     pin_memory: bool = False  # CUDA: batches in pinned memory, copied to the device with non_blocking
-    val_fraction: float = 0.0  # training images held out per class as validation (utils/validation.py)
+    val_fraction: float = 0.0  # training images held out per class as validation (utils/data/validation.py)
     seed: int = 0  # the run's --seed, which seeds the validation split
 
 
@@ -282,7 +283,7 @@ def _cached_loaders(
 
 
 def _memory_transform(file_transform, augment: bool) -> BatchTransform:
-    """The file path's transform for images held in memory (see utils/tensor_transforms.py): the same
+    """The file path's transform for images held in memory (see utils/data/transforms.py): the same
     PIL transform object for augmented data; else, the resize done while decoding, ``normalise``."""
     if augment:
         return PilPerSample(file_transform)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from utils import UserError
-from utils.image_decode import DecodedSplit, MixedSizes, PilTransform, Samples, decode_split, first_image
+from utils.data.decode import DecodedSplit, MixedSizes, PilTransform, Samples, decode_split, first_image
 
 CACHE_MODES = ("auto", "ram", "off")
 SPLITS_TO_DECODE = {

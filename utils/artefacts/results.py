@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from utils import UserError, schema
-from utils.io_utils import load_json, save_json, save_text
+from utils.artefacts.files import load_json, save_json, save_text
 
 RESULTS = "results.json"
 PROGRAM = "MAS-PyTorch main.py"

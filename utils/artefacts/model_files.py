@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from utils import UserError
-from utils.io_utils import load_torch, save_text, save_torch
+from utils.artefacts.files import load_torch, save_text, save_torch
 
 SHARED_MODEL = "shared_model.pth"
 REG_PARAMS = "reg_params.pickle"  # written by reg_params.py
