@@ -27,7 +27,15 @@ from task_agnostic import TAG_METRICS, record_task_agnostic, start_task_agnostic
 from utils import Diverged, UserError
 from utils.artefacts.checkpoint import CHECKPOINT, Checkpoint, argument_differences, load_checkpoint, remove_checkpoint
 from utils.artefacts.model_files import pretrained_alexnet_state
-from utils.artefacts.results import RESULTS, format_pp, load_results, new_results, record_task, save_results
+from utils.artefacts.results import (
+    RESULTS,
+    format_pp,
+    load_results,
+    new_results,
+    record_task,
+    save_results,
+    summarize,
+)
 from utils.artefacts.run_folder import (
     check_models_dir,
     is_run_folder,
@@ -56,11 +64,12 @@ def _write(save, *args) -> None:
     distributed.barrier()
 
 
-def format_table(rows: list[ForgettingRow]) -> str:
+def format_table(rows: list[ForgettingRow], metrics: dict[str, float | None]) -> str:
+    """The seed's forgetting table; its avg line shows the run's metrics (utils/artefacts/results.summarize)."""
     rule = "-----+--------------------+---------+----------------"
     lines = ["Task | after training (%) | now (%) | forgetting (pp)", rule]
-    n = len(rows)
-    mean = ForgettingRow(0, *(sum(getattr(r, k) for r in rows) / n for k in ("after_training", "now", "forgetting")))
+    after = sum(r.after_training for r in rows) / len(rows)
+    mean = ForgettingRow(0, after, metrics["average_accuracy"], metrics["average_forgetting"])
     for label, row in [*((str(r.task), r) for r in rows), ("avg", mean)]:
         if label == "avg":
             lines.append(rule)
@@ -217,20 +226,16 @@ def _train_tasks(state: RunState, tasks: list, device: torch.device, checkpoint:
 def _report(config: RunConfig, results: dict, rows: list[ForgettingRow]) -> dict:
     """Print the table and the averages, write the plots; the results with the forgetting rows."""
     say(f"scenario: {DESCRIPTIONS[config.scenario]}")
-    say(format_table(rows))
-    average = {
-        "average_forgetting": _mean([r.forgetting for r in rows]),
-        "average_forgetting_previous": _mean([r.forgetting for r in rows[:-1]]),
-        "average_accuracy": _mean([r.now for r in rows]),
-    }
-    say(f"average accuracy: {format_pp(average['average_accuracy'])} %")
+    metrics = summarize(results["accuracy_matrix"])  # the one place the run's averages are computed
+    say(format_table(rows, metrics))
+    say(f"average accuracy: {format_pp(metrics['average_accuracy'])} %")
     tag = results.get(TAG_METRICS, {}).get("average_accuracy")
     if tag is not None:
         say(f"task-agnostic average accuracy (argmax over all heads, no task given): {format_pp(tag)} %")
     if len(rows) > 1:
         say(
             f"average forgetting of tasks 1-{len(rows) - 1} (the avg line counts the last task too): "
-            f"{format_pp(average['average_forgetting_previous'])} pp"
+            f"{format_pp(metrics['average_forgetting_previous'])} pp"
         )
     if config.plot and distributed.is_writer():
         from utils.artefacts.plot import run_label, write_plots  # matplotlib only when asked for
@@ -241,7 +246,7 @@ def _report(config: RunConfig, results: dict, rows: list[ForgettingRow]) -> dict
         f"artefacts of the run in {config.models_dir}: results.json, accuracy_matrix.csv, shared_model.pth, "
         "reg_params.pickle, Task_<n>/"
     )
-    return {**results, "forgetting": [vars(r) for r in rows], **average}
+    return {**results, "forgetting": [vars(r) for r in rows], **metrics}
 
 
 def _fetch_pretrained_weights(config: RunConfig) -> None:
@@ -277,10 +282,6 @@ def for_world(config: RunConfig, world: distributed.World) -> RunConfig:
         say(f"torchrun restarted the workers (restart {world.restart}): resuming from the last checkpoint")
         config = dataclasses.replace(config, resume=True, overwrite=False)
     return config
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
 
 
 def _one_line(err: Exception) -> str:
