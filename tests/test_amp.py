@@ -20,6 +20,7 @@ def permuted_digits(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # a whole main.py run (the quick tier leaves it out)
 def test_bf16_trains_and_mas_forgets_less_than_finetuning(permuted_digits, tmp_path):
     runs = {}
     for name, flags in {"finetune": ["--method", "finetune"], "mas": ["--method", "mas", "--reg_lambda", "1"]}.items():

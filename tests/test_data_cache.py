@@ -240,6 +240,7 @@ def test_a_damaged_image_is_one_line_naming_it(tmp_path, capsys, name, cache):
     assert (tmp_path / "m" / "checkpoint.pth").exists() == (cache == "off")
 
 
+@pytest.mark.slow  # a whole main.py run (the quick tier leaves it out)
 def test_a_damaged_image_stops_main_py_with_one_line(tmp_path):
     """Each damage in its own data folder, through a real ``python3 main.py`` (the cache on and off)."""
     procs = {}

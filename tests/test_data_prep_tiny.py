@@ -430,6 +430,7 @@ def test_every_flag_documents_its_default():
             assert action.help.endswith("(default: %(default)s)"), action.dest
 
 
+@pytest.mark.slow  # a whole main.py run (the quick tier leaves it out)
 def test_main_trains_alexnet_on_the_prepared_split(tiny_zip, tmp_path, capsys):
     flags = ["--archive", str(tiny_zip), "--md5", md5_of(tiny_zip), "--num_tasks", "2", "--classes_per_task", "2"]
     data = run(tmp_path, *flags)
