@@ -161,7 +161,7 @@ def bench_digits() -> list[str]:
     from main import main as run_main
 
     lines = [
-        "## Digits sequence, 5 tasks, main.py defaults from the manifest (wall seconds)",
+        "## Digits sequence, 5 tasks, main.py with the digits presets (wall seconds)",
         "",
         "| method | seconds |",
         "| --- | ---: |",
