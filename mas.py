@@ -308,8 +308,13 @@ def compute_forgetting(state: RunState, tasks: list[TaskData], device: torch.dev
         if task_no == state.finished:
             now = before
         else:
-            head = scoring_head(state.config.scenario, state.heads, task_no, state.finished)
-            model = TaskModel(state.shared, head).to(device)
-            now = evaluate(model, task.test, device, desc=f"{task.name} final test")
+            now = score_task(state, task_no, task.test, device, f"{task.name} final test")
         rows.append(ForgettingRow(task_no, before, now, before - now))
     return rows
+
+
+def score_task(state: RunState, task_no: int, loader, device: torch.device, desc: str) -> float:
+    """Accuracy (%) on ``loader`` of task ``task_no`` with the run's trunk and the head the scenario
+    scores that task with (its own, or the current shared one), in memory."""
+    head = scoring_head(state.config.scenario, state.heads, task_no, state.finished)
+    return evaluate(TaskModel(state.shared, head).to(device), loader, device, desc=desc)
